@@ -1,0 +1,118 @@
+"""KV-shifting self-attention (falls back to exactly vanilla attention when the layer's shift is off)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.attention import attention
+from ..ops.kv_shift import kv_shift
+from ..ops.rope import apply_rope
+
+__all__ = ["KVShiftAttention", "init_shift_weight"]
+
+
+def init_shift_weight(num_heads: int, mode: str, parametrization: str = "free",
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Initial raw ``[num_heads, 2]`` shift parameter, columns (current, previous)."""
+    if mode == "identity":
+        cur = torch.ones(num_heads)
+    elif mode == "paper":  # current ~ U(0, 1), previous = 1 - current (paper §2.2)
+        cur = torch.rand(num_heads, generator=generator)
+    elif mode == "softmax":  # Baichuan-M1: softmax of a normal draw, also a convex pair
+        cur = torch.softmax(torch.randn(num_heads, 2, generator=generator), dim=-1)[:, 0]
+    else:
+        raise ValueError(f"kv_shift_init must be 'paper', 'identity' or 'softmax', got {mode!r}")
+    w = torch.stack([cur, 1.0 - cur], dim=-1)
+    if parametrization == "gate":  # stored as a logit in column 0; column 1 is unused
+        w = torch.stack([torch.logit(cur.clamp(1e-6, 1 - 1e-6)), torch.zeros_like(cur)], dim=-1)
+        if mode == "identity":
+            w[:, 0] = 30.0  # sigmoid(30) == 1 in fp32
+    return w
+
+
+class KVShiftAttention(nn.Module):
+    """Multi-head / grouped-query causal attention with (optional) KV shifting.
+
+    Parameters follow Hugging Face Llama (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``); a KV-shift
+    layer adds ``k_shift`` and ``v_shift`` ``[num_key_value_heads, 2]`` = (current, previous).
+    """
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.use_kv_shift = config.layer_has_kv_shift(layer_idx)
+        self.shift_position = config.kv_shift_position
+        self.parametrization = config.kv_shift_parametrization
+        qkv_bias = config.attention_bias or config.qkv_bias
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, H * D, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, Hkv * D, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, Hkv * D, bias=qkv_bias)
+        self.o_proj = nn.Linear(H * D, config.hidden_size, bias=config.attention_bias)
+        if self.use_kv_shift:
+            self.k_shift = nn.Parameter(init_shift_weight(Hkv, config.kv_shift_init, self.parametrization))
+            self.v_shift = nn.Parameter(init_shift_weight(Hkv, config.kv_shift_init, self.parametrization))
+
+    def _effective(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.parametrization == "gate":
+            cur = torch.sigmoid(raw[:, 0])
+            return torch.stack([cur, 1.0 - cur], dim=-1)
+        if self.parametrization == "clamp":
+            return raw.clamp(0.0, 1.0)
+        return raw
+
+    def shift_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Effective ``(k_weight, v_weight)``, each ``[num_key_value_heads, 2]`` = (current, previous)."""
+        if not self.use_kv_shift:
+            return None
+        return self._effective(self.k_shift), self._effective(self.v_shift)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        pad_mask: torch.Tensor | None = None,
+        reset_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)  # [B, T, H, D]
+        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        cos, sin = position_embeddings
+        q = apply_rope(q, cos, sin)
+        if self.use_kv_shift:
+            k_w, v_w = self.shift_weights()
+            state = None
+            prev_k = prev_v = None
+            if cache is not None:
+                from ..models.cache import kv_shift_layer_state
+
+                state = kv_shift_layer_state(cache, self.layer_idx)
+                prev_k, prev_v = state.shift_prev()
+            if self.shift_position == "post_rope":
+                k = apply_rope(k, cos, sin)
+            # the raw (pre-shift) rows are the next chunk's predecessors
+            if state is not None:
+                state.push_shift_state(k, v, pad_mask)
+            k = kv_shift(k, k_w, attention_mask=pad_mask, prev=prev_k, reset_mask=reset_mask)
+            v = kv_shift(v, v_w, attention_mask=pad_mask, prev=prev_v, reset_mask=reset_mask)
+            if self.shift_position == "pre_rope":
+                k = apply_rope(k, cos, sin)
+        else:
+            k = apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        out = attention(
+            q, k, v, mask=attention_mask, scale=self.scaling,
+            dropout_p=self.config.attention_dropout if self.training else 0.0,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

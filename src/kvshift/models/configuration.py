@@ -1,0 +1,150 @@
+"""`KVShiftConfig`: a Hugging Face config with `LlamaConfig` field names plus the KV-shift switches."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import GenerationConfig, PreTrainedConfig
+
+__all__ = ["KVShiftConfig", "KV_SHIFT_INITS", "KV_SHIFT_POSITIONS"]
+
+KV_SHIFT_INITS = ("paper", "identity", "softmax")
+KV_SHIFT_POSITIONS = ("pre_rope", "post_rope")
+KV_SHIFT_PARAMETRIZATIONS = ("free", "gate", "clamp")
+
+# Keys that Hugging Face itself passes through a config's constructor (loading, BC, generation).
+_PASS_THROUGH_KEYS = {
+    "torch_dtype", "name_or_path", "output_attentions", "attn_implementation", "experts_implementation",
+    "per_layer_config", "num_labels", "model_type", "auto_map", "tokenizer_class", "use_return_dict",
+    "rope_scaling", "rope_parameters", "partial_rotary_factor", "pretraining_tp", "mlp_bias", "layer_types",
+    "max_window_layers", "use_sliding_window", "attention_dropout", "initializer_range", "hidden_act",
+}
+
+
+@strict
+class KVShiftConfig(PreTrainedConfig):
+    r"""Configuration of :class:`kvshift.KVShiftForCausalLM` (a Llama-style decoder with KV shifting).
+
+    Field names follow :class:`transformers.LlamaConfig`; the extra fields are:
+
+    - ``kv_shift``: ``True``/``False`` for every layer, or a list with one bool per layer.
+    - ``kv_shift_init``: ``"paper"`` (current weight ~ U(0, 1), previous = 1 - current, drawn
+      independently for K and V of every KV head), ``"identity"`` (current 1, previous 0: the model
+      computes exactly vanilla attention, used when converting checkpoints) or ``"softmax"``
+      (Baichuan-M1 style, softmax of a normal draw).
+    - ``kv_shift_position``: ``"pre_rope"`` (the paper's order) or ``"post_rope"``.
+    - ``kv_shift_parametrization``: ``"free"`` (paper), ``"gate"`` (current = sigmoid(a), previous =
+      1 - current) or ``"clamp"`` (each weight clamped to [0, 1]); the ablations of the paper's §4.7.
+    - ``qkv_bias``: bias on q/k/v projections only (Qwen2); ``attention_bias`` adds it to all four (Llama).
+    """
+
+    model_type = "kvshift"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    qkv_bias: bool = False
+    attention_dropout: float = 0.0
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    kv_shift: bool | list[bool] = True
+    kv_shift_init: str = "paper"
+    kv_shift_position: str = "pre_rope"
+    kv_shift_parametrization: str = "free"
+
+    def __post_init__(self, **kwargs):
+        unknown = sorted(
+            k for k in kwargs
+            if not k.startswith("_") and k not in _PASS_THROUGH_KEYS
+            and k not in GenerationConfig._get_default_generation_params()
+        )
+        if unknown:
+            raise ValueError(
+                f"KVShiftConfig got unknown field(s) {unknown}; valid fields are "
+                f"{sorted(f for f in self.__dataclass_fields__)}"
+            )
+        for key in ("rope_scaling", "rope_parameters", "partial_rotary_factor", "layer_types"):
+            # Llama-style rope dicts carry rope_theta; other RoPE variants are not supported here.
+            value = kwargs.pop(key, None)
+            if key == "rope_parameters" and isinstance(value, dict):
+                if value.get("rope_type", "default") != "default":
+                    raise ValueError(f"rope_parameters: only the default RoPE is supported, got {value}")
+                self.rope_theta = float(value.get("rope_theta", self.rope_theta))
+            elif key == "rope_scaling" and value:
+                raise ValueError(f"rope_scaling is not supported by KVShiftConfig, got {value}")
+        for key in ("pretraining_tp", "max_window_layers", "use_sliding_window"):
+            kwargs.pop(key, None)
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self._check()
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if isinstance(self.kv_shift, (list, tuple)):
+            self.kv_shift = [bool(v) for v in self.kv_shift]
+        super().__post_init__(**kwargs)
+
+    def _check(self) -> None:
+        def positive(name):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads"):
+            positive(name)
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}), or set head_dim explicitly"
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.head_dim is not None and (self.head_dim <= 0 or self.head_dim % 2):
+            raise ValueError(f"head_dim must be a positive even int (RoPE rotates pairs), got {self.head_dim}")
+        if self.kv_shift_init not in KV_SHIFT_INITS:
+            raise ValueError(f"kv_shift_init must be one of {KV_SHIFT_INITS}, got {self.kv_shift_init!r}")
+        if self.kv_shift_position not in KV_SHIFT_POSITIONS:
+            raise ValueError(
+                f"kv_shift_position must be one of {KV_SHIFT_POSITIONS}, got {self.kv_shift_position!r}"
+            )
+        if self.kv_shift_parametrization not in KV_SHIFT_PARAMETRIZATIONS:
+            raise ValueError(
+                f"kv_shift_parametrization must be one of {KV_SHIFT_PARAMETRIZATIONS}, "
+                f"got {self.kv_shift_parametrization!r}"
+            )
+        if isinstance(self.kv_shift, (list, tuple)):
+            if len(self.kv_shift) != self.num_hidden_layers:
+                raise ValueError(
+                    f"kv_shift list must have one bool per layer (num_hidden_layers = "
+                    f"{self.num_hidden_layers}), got {len(self.kv_shift)} entries"
+                )
+            if not all(isinstance(v, bool) for v in self.kv_shift):
+                raise ValueError(f"kv_shift list entries must be bools, got {self.kv_shift}")
+        elif not isinstance(self.kv_shift, bool):
+            raise ValueError(f"kv_shift must be a bool or a list of bools, got {self.kv_shift!r}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window}")
+
+    def layer_has_kv_shift(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` uses KV shifting."""
+        if isinstance(self.kv_shift, (list, tuple)):
+            return bool(self.kv_shift[layer_idx])
+        return bool(self.kv_shift)

@@ -1,0 +1,233 @@
+"""`KVShiftForCausalLM`: the one model definition, a Hugging Face `PreTrainedModel` with `GenerationMixin`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from ..layers.attention import KVShiftAttention, init_shift_weight
+from ..layers.block import DecoderLayer
+from ..layers.norm import RMSNorm
+from ..ops.kv_shift.reference import validate_kv_shift_args
+from ..ops.rope import rope_cos_sin, rope_inv_freq
+from .configuration import KVShiftConfig
+
+__all__ = ["KVShiftPreTrainedModel", "KVShiftModel", "KVShiftForCausalLM", "position_ids_from_cu_seqlens"]
+
+
+def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """``[1, total]`` positions restarting at 0 at every offset of ``cu_seqlens``."""
+    cu = cu_seqlens.to(torch.long)
+    lengths = cu[1:] - cu[:-1]
+    starts = torch.repeat_interleave(cu[:-1], lengths)
+    return (torch.arange(total, device=cu.device) - starts)[None]
+
+
+def reset_mask_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` True where a new sequence starts: a position that does not follow its left neighbour
+    by one (the packed-sequence rule of Hugging Face masks), or a 0 at the start of a chunk."""
+    reset = torch.zeros_like(position_ids, dtype=torch.bool)
+    reset[:, 0] = position_ids[:, 0] == 0
+    reset[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return reset
+
+
+def _pad_mask(attention_mask, T: int, past: int) -> torch.Tensor | None:
+    """``[B, T]`` 1 = real token for the current chunk, from a 2-D mask or from a 4-D mask's diagonal."""
+    if attention_mask is None or not isinstance(attention_mask, torch.Tensor):
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -T:]
+    if attention_mask.dim() == 4:  # a token attends to itself iff it is real
+        idx = torch.arange(T, device=attention_mask.device)
+        diag = attention_mask[:, 0, idx, past + idx]
+        return diag if diag.dtype == torch.bool else diag == 0
+    return None
+
+
+class KVShiftPreTrainedModel(PreTrainedModel):
+    config_class = KVShiftConfig
+    config: KVShiftConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _can_compile_fullgraph = True
+    _supports_attention_backend = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, KVShiftAttention) and module.use_kv_shift:
+            for p in (module.k_shift, module.v_shift):
+                init.copy_(p, init_shift_weight(
+                    module.num_kv_heads, self.config.kv_shift_init, module.parametrization
+                ).to(p.device, p.dtype))
+
+
+class KVShiftModel(KVShiftPreTrainedModel):
+    """The decoder stack (embeddings, layers, final norm) returning hidden states."""
+
+    def __init__(self, config: KVShiftConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        cache=None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the cache as either `cache` or `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T, _ = inputs_embeds.shape
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+
+        if cu_seqlens is not None:
+            validate_kv_shift_args(inputs_embeds.new_empty(B, T, 1, 0), inputs_embeds.new_empty(1, 2),
+                                   cu_seqlens=cu_seqlens)
+            if position_ids is None:
+                position_ids = position_ids_from_cu_seqlens(cu_seqlens.to(inputs_embeds.device), T)
+        if position_ids is None:
+            position_ids = (torch.arange(T, device=inputs_embeds.device) + past)[None].expand(B, T)
+        elif position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        if position_ids.shape[-1] != T:
+            raise ValueError(f"position_ids must be [B, T] with T = {T}, got {list(position_ids.shape)}")
+        if position_ids.shape[0] != B:
+            position_ids = position_ids.expand(B, T)
+
+        reset_mask = reset_mask_from_position_ids(position_ids)
+        if not torch.compiler.is_compiling() and not bool(reset_mask.any()):
+            reset_mask = None
+        pad_mask = _pad_mask(attention_mask, T, past)
+
+        mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           cache=cache, position_ids=position_ids)
+        if reset_mask is not None and attention_mask is not None and cache is None and attention_mask.dim() == 2:
+            # Hugging Face infers packed documents from position_ids only without a 2-D mask: add them here.
+            doc = reset_mask.long().cumsum(-1)  # [B, T]
+            mask_kwargs["and_mask_function"] = lambda b, h, q, kv: doc[b, q] == doc[b, kv]
+        make_mask = create_sliding_window_causal_mask if self.config.sliding_window else create_causal_mask
+        causal_mask = make_mask(**mask_kwargs)
+
+        hidden = inputs_embeds
+        position_embeddings = rope_cos_sin(position_ids, self.inv_freq, hidden.dtype)
+        all_hidden = [] if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+            hidden = layer(hidden, position_embeddings, causal_mask, cache, pad_mask, reset_mask)
+        hidden = self.norm(hidden)
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+
+class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
+    """Llama-style causal LM with KV shifting attention; parameter names follow ``LlamaForCausalLM``."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: KVShiftConfig) -> None:
+        super().__init__(config)
+        self.model = KVShiftModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def kv_shift_weights(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Effective ``{layer: (k_weight, v_weight)}``, each ``[num_key_value_heads, 2]`` = (current, previous)."""
+        out = {}
+        for i, layer in enumerate(self.model.layers):
+            w = layer.self_attn.shift_weights()
+            if w is not None:
+                out[i] = (w[0].detach().float().cpu(), w[1].detach().float().cpu())
+        return out
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache=None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cu_seqlens=cu_seqlens, output_hidden_states=output_hidden_states, cache=cache,
+        )
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
+                                     hidden_states=outputs.hidden_states)
+        if return_dict is False:
+            return out.to_tuple()
+        return out

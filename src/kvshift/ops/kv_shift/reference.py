@@ -1,0 +1,142 @@
+"""Plain-PyTorch reference of the KV shift: the one place that defines the mechanism.
+
+    y[b, t, h] = weight[h, 0] * x[b, t, h] + weight[h, 1] * x[b, t-1, h]
+
+with x[b, -1] = ``prev[b]`` when continuing a sequence (decode, chunked prefill) and zero otherwise,
+and a zero predecessor at every document start and after every padded position. Every fast path in
+kvshift is tested against :func:`kv_shift_ref`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["kv_shift_ref", "validate_kv_shift_args", "previous_token_keep_mask"]
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def validate_kv_shift_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    prev: torch.Tensor | None = None,
+    reset_mask: torch.Tensor | None = None,
+) -> None:
+    """Raise ``ValueError`` naming the argument when an input of :func:`kv_shift` is malformed."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor of shape [B, T, H, D], got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [B, T, H, D], got {x.dim()}-D tensor of shape {_shape(x)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    B, T, H, D = x.shape
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or tuple(weight.shape) != (H, 2):
+        got = _shape(weight) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must have shape [H, 2] = [{H}, 2] (H = x.shape[2]), got {got}")
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+            raise ValueError("cu_seqlens must be a 1-D integer tensor of document offsets [N+1]")
+        if cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool:
+            raise ValueError(f"cu_seqlens must be an integer tensor, got dtype {cu_seqlens.dtype}")
+        if B != 1:
+            raise ValueError(f"cu_seqlens describes one packed row: x must have B == 1, got B = {B}")
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must hold at least 2 offsets [0, ..., T], got {cu_seqlens.tolist()}")
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
+        if cu[-1] != T:
+            raise ValueError(f"cu_seqlens must end at T = x.shape[1] = {T}, got {cu[-1]}")
+        if any(b <= a for a, b in zip(cu[:-1], cu[1:])):
+            raise ValueError(f"cu_seqlens must be strictly increasing, got {cu}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, T):
+            got = _shape(attention_mask) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must have shape [B, T] = [{B}, {T}], got {got}")
+    if prev is not None:
+        if not isinstance(prev, torch.Tensor) or tuple(prev.shape) != (B, H, D):
+            got = _shape(prev) if isinstance(prev, torch.Tensor) else type(prev).__name__
+            raise ValueError(f"prev must have shape [B, H, D] = [{B}, {H}, {D}], got {got}")
+    if reset_mask is not None:
+        if not isinstance(reset_mask, torch.Tensor) or tuple(reset_mask.shape) != (B, T):
+            got = _shape(reset_mask) if isinstance(reset_mask, torch.Tensor) else type(reset_mask).__name__
+            raise ValueError(f"reset_mask must have shape [B, T] = [{B}, {T}], got {got}")
+
+
+def previous_token_keep_mask(
+    B: int,
+    T: int,
+    device: torch.device,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    has_prev: bool = False,
+    reset_mask: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``[B, T]`` bool: True where token t may read its predecessor, or None when every token may.
+
+    Position 0 reads ``prev`` when it is given; interior ``cu_seqlens`` offsets and ``reset_mask``
+    mark document starts; a padded predecessor (``attention_mask == 0`` at t-1) is never read.
+    """
+    keep = None
+
+    def _and(a, b):
+        return b if a is None else a & b
+
+    if not has_prev:
+        k0 = torch.ones(B, T, dtype=torch.bool, device=device)
+        k0[:, 0] = False
+        keep = k0
+    if cu_seqlens is not None and cu_seqlens.numel() > 2:
+        starts = cu_seqlens[1:-1].to(device=device, dtype=torch.long)
+        k = torch.ones(B, T, dtype=torch.bool, device=device)
+        k[:, starts] = False
+        keep = _and(keep, k)
+    if attention_mask is not None:
+        real = attention_mask.to(device) != 0
+        k = torch.ones(B, T, dtype=torch.bool, device=device)
+        k[:, 1:] = real[:, :-1]
+        keep = _and(keep, k)
+    if reset_mask is not None:
+        keep = _and(keep, ~reset_mask.to(device=device, dtype=torch.bool))
+    return keep
+
+
+def kv_shift_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    prev: torch.Tensor | None = None,
+    reset_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference KV shift; see the module docstring. Returns a tensor shaped and typed like ``x``.
+
+    Args:
+        x: ``[B, T, H, D]`` raw keys or values (after the projection, before RoPE).
+        weight: ``[H, 2]``; column 0 multiplies the current token, column 1 the previous one.
+        cu_seqlens: ``[N+1]`` int offsets of the documents packed in a ``B == 1`` row.
+        attention_mask: ``[B, T]``, 1 = real token, 0 = padding (a padded predecessor reads as zero).
+        prev: ``[B, H, D]`` raw previous token used as the predecessor of position 0.
+        reset_mask: ``[B, T]`` bool, True where a token starts a new document.
+    """
+    validate_kv_shift_args(x, weight, cu_seqlens, attention_mask, prev, reset_mask)
+    B, T, H, D = x.shape
+    cdt = torch.promote_types(x.dtype, weight.dtype)
+    xc = x.to(cdt)
+    w = weight.to(cdt)
+    first = prev.to(cdt).unsqueeze(1) if prev is not None else xc.new_zeros(B, 1, H, D)
+    x_prev = torch.cat([first, xc[:, :-1]], dim=1)  # [B, T, H, D]; never torch.roll
+    keep = previous_token_keep_mask(
+        B, T, x.device, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
+        has_prev=prev is not None, reset_mask=reset_mask,
+    )
+    if keep is not None:
+        x_prev = x_prev * keep[:, :, None, None].to(cdt)
+    y = xc * w[:, 0].view(1, 1, H, 1) + x_prev * w[:, 1].view(1, 1, H, 1)
+    return y.to(x.dtype)
