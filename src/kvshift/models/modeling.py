@@ -27,13 +27,31 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.
     return (torch.arange(total, device=cu.device) - starts)[None]
 
 
-def reset_mask_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+def reset_mask_from_position_ids(position_ids: torch.Tensor, past: int = 0) -> torch.Tensor:
     """``[B, T]`` True where a new sequence starts: a position that does not follow its left neighbour
-    by one (the packed-sequence rule of Hugging Face masks), or a 0 at the start of a chunk."""
+    by one (the packed-sequence rule of Hugging Face masks), or a 0 right after cached tokens."""
     reset = torch.zeros_like(position_ids, dtype=torch.bool)
-    reset[:, 0] = position_ids[:, 0] == 0
+    if past > 0:
+        reset[:, 0] = position_ids[:, 0] == 0
     reset[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
     return reset
+
+
+def document_mask_function(reset_mask: torch.Tensor, past: int):
+    """A Hugging Face mask function keeping attention inside documents (``and``-ed with the causal mask).
+
+    Queries are the current chunk; keys are the ``past`` cached tokens followed by the chunk. Cached
+    tokens belong to the chunk's first document unless the chunk starts with a reset.
+    """
+    doc_q = reset_mask.long().cumsum(-1)  # [B, T]
+    doc_kv = torch.cat([doc_q.new_zeros(doc_q.shape[0], past), doc_q], dim=-1)  # [B, past + T]
+    last = doc_kv.shape[-1] - 1
+
+    def fn(batch_idx, head_idx, q_idx, kv_idx):
+        # q_idx and kv_idx are absolute positions in the cache
+        return doc_kv[batch_idx, q_idx.clamp(max=last)] == doc_kv[batch_idx, kv_idx.clamp(max=last)]
+
+    return fn
 
 
 def _pad_mask(attention_mask, T: int, past: int) -> torch.Tensor | None:
@@ -132,17 +150,15 @@ class KVShiftModel(KVShiftPreTrainedModel):
         if position_ids.shape[0] != B:
             position_ids = position_ids.expand(B, T)
 
-        reset_mask = reset_mask_from_position_ids(position_ids)
+        reset_mask = reset_mask_from_position_ids(position_ids, past)
         if not torch.compiler.is_compiling() and not bool(reset_mask.any()):
             reset_mask = None
         pad_mask = _pad_mask(attention_mask, T, past)
 
         mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                            cache=cache, position_ids=position_ids)
-        if reset_mask is not None and attention_mask is not None and cache is None and attention_mask.dim() == 2:
-            # Hugging Face infers packed documents from position_ids only without a 2-D mask: add them here.
-            doc = reset_mask.long().cumsum(-1)  # [B, T]
-            mask_kwargs["and_mask_function"] = lambda b, h, q, kv: doc[b, q] == doc[b, kv]
+        if reset_mask is not None and (attention_mask is None or attention_mask.dim() == 2):
+            mask_kwargs["and_mask_function"] = document_mask_function(reset_mask, past)
         make_mask = create_sliding_window_causal_mask if self.config.sliding_window else create_causal_mask
         causal_mask = make_mask(**mask_kwargs)
 

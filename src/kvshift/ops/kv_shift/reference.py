@@ -137,6 +137,7 @@ def kv_shift_ref(
         has_prev=prev is not None, reset_mask=reset_mask,
     )
     if keep is not None:
-        x_prev = x_prev * keep[:, :, None, None].to(cdt)
+        # where, not a multiply: a NaN/inf in a padded row must not leak into its successor
+        x_prev = torch.where(keep[:, :, None, None], x_prev, torch.zeros((), dtype=cdt, device=x.device))
     y = xc * w[:, 0].view(1, 1, H, 1) + x_prev * w[:, 1].view(1, 1, H, 1)
     return y.to(x.dtype)

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny configs and models built in the test itself (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvshift  # noqa: F401  (registers the Auto classes)
+from kvshift import KVShiftConfig, KVShiftForCausalLM
+
+
+def tiny_config(**overrides) -> KVShiftConfig:
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base.update(overrides)
+    return KVShiftConfig(**base)
+
+
+def tiny_model(seed: int = 0, randomize_shift: bool = True, **overrides) -> KVShiftForCausalLM:
+    torch.manual_seed(seed)
+    model = KVShiftForCausalLM(tiny_config(**overrides)).eval()
+    if randomize_shift:  # weights off the convex line, some negative: the general case
+        with torch.no_grad():
+            for layer in model.model.layers:
+                attn = layer.self_attn
+                if attn.use_kv_shift:
+                    attn.k_shift.copy_(torch.randn_like(attn.k_shift))
+                    attn.v_shift.copy_(torch.randn_like(attn.v_shift))
+    return model
+
+
+@pytest.fixture
+def make_model():
+    return tiny_model
