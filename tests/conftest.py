@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-import kvshift  # noqa: F401  (registers the Auto classes)
-from kvshift import KVShiftConfig, KVShiftForCausalLM
+# Triton kernels run on CPU through the interpreter; the flag must be set before anything imports
+# triton (transformers does, through torch._inductor).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import kvshift  # noqa: E402,F401  (registers the Auto classes)
+from kvshift import KVShiftConfig, KVShiftForCausalLM  # noqa: E402
 
 
 def tiny_config(**overrides) -> KVShiftConfig:

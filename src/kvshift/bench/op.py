@@ -1,0 +1,134 @@
+"""Op-level benchmark: forward+backward of causal attention with and without the KV shift (ours and peers)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.kv_shift import kv_shift
+from .common import hardware_info, markdown_table, time_fn
+from .peers import kv_shift_pad_slice, kv_shift_unfold
+
+__all__ = ["bench_op", "main", "GPU_SHAPES", "CPU_SHAPES"]
+
+# (B, H, T, D)
+GPU_SHAPES: list[tuple[int, int, int, int]] = [(4, 16, 4096, 128), (16, 12, 1024, 64), (1, 32, 16384, 128)]
+CPU_SHAPES: list[tuple[int, int, int, int]] = [(2, 4, 256, 64), (1, 8, 512, 32)]
+
+ShiftFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# name -> shift applied to K and V before attention (None: attention alone)
+VARIANTS: dict[str, ShiftFn | None] = {
+    "attn": None,
+    "shift": lambda x, w: kv_shift(x, w, backend="auto"),
+    "unfold": kv_shift_unfold,
+    "pad_slice": kv_shift_pad_slice,
+}
+
+
+def _make_step(
+    shift: ShiftFn | None, B: int, H: int, T: int, D: int, dtype: torch.dtype, device: torch.device
+) -> Callable[[], None]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device, dtype).requires_grad_()
+
+    # Projections produce [B, T, H, D]; the shift works there, attention sees [B, H, T, D] views.
+    q, k, v = rand(B, T, H, D), rand(B, T, H, D), rand(B, T, H, D)
+    wk, wv = rand(H, 2), rand(H, 2)
+    grad_out = torch.randn(B, H, T, D, generator=g).to(device, dtype)
+    leaves = [q, k, v] + ([wk, wv] if shift is not None else [])
+
+    def step() -> None:
+        kk, vv = (k, v) if shift is None else (shift(k, wk), shift(v, wv))
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), is_causal=True
+        )
+        torch.autograd.grad(out, leaves, grad_out)
+
+    return step
+
+
+def bench_op(
+    shapes: list[tuple[int, int, int, int]] | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    warmup: int | None = None,
+    iters: int | None = None,
+) -> list[dict]:
+    """Time forward+backward of attention alone and of shift(K), shift(V) + attention, per shape.
+
+    Variants: ``attn`` (SDPA, causal), ``shift`` (``kv_shift`` with the auto backend: Triton on CUDA,
+    the reference elsewhere), and the peers ``unfold`` and ``pad_slice`` (:mod:`kvshift.bench.peers`).
+    Shift weights use the activations' dtype so that every variant feeds SDPA the same dtype.
+
+    Args:
+        shapes: ``(B, H, T, D)`` tuples; default :data:`GPU_SHAPES` on CUDA, :data:`CPU_SHAPES` otherwise.
+        dtype: default bf16 on CUDA, fp32 otherwise.
+        device: default CUDA when available.
+        warmup, iters: default 10 / 50 on CUDA, 3 / 15 otherwise.
+
+    Returns:
+        One dict per shape: the shape, ``<variant>_ms`` (median) and ``<variant>_ratio`` (vs ``attn``).
+    """
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cuda = device.type == "cuda"
+    shapes = shapes if shapes is not None else (GPU_SHAPES if on_cuda else CPU_SHAPES)
+    dtype = dtype if dtype is not None else (torch.bfloat16 if on_cuda else torch.float32)
+    warmup = warmup if warmup is not None else (10 if on_cuda else 3)
+    iters = iters if iters is not None else (50 if on_cuda else 15)
+
+    rows = []
+    for B, H, T, D in shapes:
+        row: dict = {
+            "B": B,
+            "H": H,
+            "T": T,
+            "D": D,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": device.type,
+        }
+        for name, shift in VARIANTS.items():
+            step = _make_step(shift, B, H, T, D, dtype, device)
+            row[f"{name}_ms"] = time_fn(step, warmup, iters, device)
+            del step
+            if on_cuda:
+                torch.cuda.empty_cache()
+        for name in VARIANTS:
+            row[f"{name}_ratio"] = row[f"{name}_ms"] / row["attn_ms"]
+        rows.append(row)
+    return rows
+
+
+COLUMNS = (
+    ["B", "H", "T", "D", "dtype"]
+    + [f"{n}_ms" for n in VARIANTS]
+    + [f"{n}_ratio" for n in VARIANTS if n != "attn"]
+)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run :func:`bench_op`, print hardware, a Markdown table, and one JSON line with everything."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    rows = bench_op(dtype=dtype, device=args.device, warmup=args.warmup, iters=args.iters)
+    hw = hardware_info()
+    print("\n".join(f"- {k}: {v}" for k, v in hw.items()))
+    print()
+    print(markdown_table(rows, COLUMNS))
+    print(json.dumps({"bench": "op", "hardware": hw, "rows": rows}))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

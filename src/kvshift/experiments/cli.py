@@ -1,0 +1,55 @@
+"""`kvshift reproduce <name>`: run a paper experiment and write results.json, results.md, config.json and plots."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+# name -> (module, function)
+EXPERIMENTS = {
+    "induction": ("kvshift.experiments.tasks", "run_induction"),
+    "induction-width": ("kvshift.experiments.tasks", "run_induction_width"),
+    "ngram": ("kvshift.experiments.tasks", "run_ngram"),
+    "hopk": ("kvshift.experiments.tasks", "run_hopk"),
+    "theorem2": ("kvshift.experiments.theorem2", "run_theorem2"),
+    "theorem3": ("kvshift.experiments.theorem3", "run_theorem3"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=[*EXPERIMENTS, "all"], help="experiment to run ('all' runs each in turn)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="quick", action="store_true", default=True,
+                      help="CPU-sized settings (default)")
+    mode.add_argument("--full", dest="quick", action="store_false", help="paper-scale settings (for a GPU)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per model (default 3)")
+    parser.add_argument("--out", default="results", help="output folder; each experiment writes OUT/<name>/")
+
+
+def run_experiment(name: str, *, quick: bool = True, seeds: int = 3, out: str | Path = "results") -> dict:
+    """Run one experiment by name; returns its results payload."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)} or 'all'")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    module, fn = EXPERIMENTS[name]
+    if not quick:
+        from .tasks import EXPECTED_FULL_TIME
+
+        print(f"[{name}] --full: expected time {EXPECTED_FULL_TIME.get(name, 'a few minutes')}", file=sys.stderr)
+    return getattr(importlib.import_module(module), fn)(quick=quick, seeds=seeds, out_dir=Path(out) / name)
+
+
+def run(args: argparse.Namespace) -> int:
+    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    for name in names:
+        t0 = time.perf_counter()
+        run_experiment(name, quick=args.quick, seeds=args.seeds, out=args.out)
+        out_dir = Path(args.out) / name
+        print((out_dir / "results.md").read_text())
+        print(f"[{name}] done in {time.perf_counter() - t0:.0f} s; wrote {out_dir}/results.json, results.md, "
+              f"config.json and {', '.join(p.name for p in sorted(out_dir.glob('*.png')))}")
+    return 0

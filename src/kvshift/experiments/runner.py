@@ -1,0 +1,149 @@
+"""Run one synthetic-task experiment: models x seeds (x an LR grid), then rows, curves and a plot."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..eval.heads import head_scores, shift_table
+from .common import get_pyplot, mean_std, save_figure, write_results
+from .synthetic import ModelSpec, RunSpec, steps_to_reach, train_on_task
+
+__all__ = ["run_task_experiment"]
+
+
+def _pick_lr(task, spec, run, metric, eval_batch, lr_grid, bar) -> tuple[float, dict]:
+    """Seed-0 run per LR of the grid; the LR with the best final metric wins (ties: smaller LR)."""
+    best = None
+    for lr in lr_grid:
+        res = train_on_task(task, spec, replace(run, lr=lr), metric, seed=0, eval_batch=eval_batch, progress=bar)
+        if best is None or res["final"] > best[1]["final"] + 1e-9:
+            best = (lr, res)
+    return best
+
+
+def run_task_experiment(
+    name: str,
+    task,
+    specs: list[ModelSpec],
+    run: RunSpec,
+    metric: Callable,
+    metric_name: str,
+    *,
+    seeds: int,
+    lr_grid: list[float],
+    out_dir: str | Path,
+    eval_size: int,
+    config: dict,
+    threshold: float | None = 0.9,
+    head_vocab: tuple[int, int] | None = None,
+    notes: list[str] | None = None,
+    extra_eval: Callable | None = None,
+) -> dict:
+    """Train every spec for ``seeds`` seeds and write results.json / results.md / config.json / curves.png.
+
+    The LR of each model is picked from ``lr_grid`` on seed 0 (the selection run is that seed's result);
+    seeds 1.. reuse the chosen LR. All models see the same data for the same seed.
+    """
+    out = Path(out_dir)
+    eval_batch = task.sample(eval_size, 987_654)  # held out: training batches use seeds 10_000+
+    total = sum(run.steps * (len(lr_grid) + seeds - 1) for _ in specs)
+    rows, runs, analysis = [], [], {}
+    with tqdm(total=total, desc=name, unit="step", file=sys.stderr, dynamic_ncols=True,
+              mininterval=1.0) as bar:
+        for spec in specs:
+            lr, first = _pick_lr(task, spec, run, metric, eval_batch, lr_grid, bar)
+            results = [first] + [
+                train_on_task(task, spec, replace(run, lr=lr), metric, seed=s, eval_batch=eval_batch, progress=bar)
+                for s in range(1, seeds)
+            ]
+            finals = [r["final"] for r in results]
+            mean, std = mean_std(finals)
+            row = {"model": spec.name, "layers": spec.layers, "kv_shift": spec.kv_shift, "metric": metric_name,
+                   "mean": mean, "std": std, "seeds": seeds, "lr": lr, "hidden_size": spec.hidden_size,
+                   "params": sum(p.numel() for p in first["model_obj"].parameters())}
+            if threshold is not None:
+                reach = [steps_to_reach(r["curve"], threshold) for r in results]
+                row[f"steps_to_{int(threshold * 100)}pct"] = (
+                    mean_std([s for s in reach if s is not None])[0] if all(s is not None for s in reach) else None)
+                row["runs_reaching"] = sum(s is not None for s in reach)
+            if extra_eval is not None:
+                row.update(extra_eval(results))
+            rows.append(row)
+            model = first["model_obj"]
+            if spec.kv_shift:
+                analysis[spec.name] = {"shift": shift_table(model)}
+            elif head_vocab is not None:
+                analysis[spec.name] = {"head_scores": head_scores(model, head_vocab[1], low=head_vocab[0])}
+            for r in results:
+                runs.append({k: v for k, v in r.items() if k != "model_obj"})
+    payload = write_results(out, name, rows, config,
+                            extra={"runs": runs, "analysis": analysis, "notes": notes or []})
+    _plot_curves(out / "curves.png", name, runs, metric_name)
+    md = (out / "results.md").read_text()
+    md += "\n" + analysis_markdown(analysis)
+    from .common import atomic_write_text
+
+    atomic_write_text(out / "results.md", md)
+    return payload
+
+
+def analysis_markdown(analysis: dict) -> str:
+    """Learned-shift tables for KV runs, head scores for vanilla runs (seed 0 of each model)."""
+    lines = []
+    for model, a in analysis.items():
+        if "shift" in a:
+            s = a["shift"]
+            lines += [f"## Learned shift weights: {model} (seed 0)", "",
+                      "| layer | head | alpha1 (key, current) | alpha2 (key, previous) | beta1 (value, current) "
+                      "| beta2 (value, previous) |", "|---|---|---|---|---|---|"]
+            lines += [f"| {h['layer']} | {h['head']} | {h['alpha1']:.3f} | {h['alpha2']:.3f} | {h['beta1']:.3f} "
+                      f"| {h['beta2']:.3f} |" for h in s["heads"]]
+            t = s["table"]
+            lines += ["", "| | value leans current | value leans previous |", "|---|---|---|",
+                      f"| key leans current | {t['key_current/value_current']} | {t['key_current/value_previous']} |",
+                      f"| key leans previous | {t['key_previous/value_current']} | {t['key_previous/value_previous']} |",
+                      "", f"{s['off_convex_line']} of {s['num_heads']} heads left the alpha1+alpha2 = 1 "
+                      f"(or beta) line by > 0.05; {s['with_negative_weight']} have a negative weight.", ""]
+        if "head_scores" in a:
+            lines += [f"## Head scores: {model} (seed 0)", "",
+                      "| layer | head | previous-token score | induction score |", "|---|---|---|---|"]
+            lines += [f"| {h['layer']} | {h['head']} | {h['previous_token_score']:.3f} | {h['induction_score']:.3f} |"
+                      for h in a["head_scores"]]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _plot_curves(path: Path, name: str, runs: list[dict], metric_name: str) -> None:
+    import numpy as np
+
+    plt = get_pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    by_model: dict[str, list[dict]] = {}
+    for r in runs:
+        by_model.setdefault(r["model"], []).append(r)
+    for model, rs in by_model.items():
+        lr = rs[-1]["lr"]
+        rs = [r for r in rs if r["lr"] == lr]  # grid-selection runs at other LRs are left out
+        steps = np.array([s for s, _ in rs[0]["curve"]])
+        vals = np.array([[v for _, v in r["curve"]] for r in rs if len(r["curve"]) == len(steps)])
+        m, s = vals.mean(0), vals.std(0)
+        ax.plot(steps, m, label=f"{model} (lr {lr:g}, {len(vals)} seeds)")
+        ax.fill_between(steps, m - s, m + s, alpha=0.2)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(metric_name)
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def spec_dict(specs: list[ModelSpec]) -> list[dict]:
+    return [asdict(s) for s in specs]
+
+
+__all__ += ["spec_dict", "analysis_markdown", "RunSpec", "ModelSpec"]

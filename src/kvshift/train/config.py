@@ -1,0 +1,186 @@
+"""Training configuration as dataclasses, and `--set a.b=value` overrides with type checking."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ModelConfig", "DataConfig", "OptimConfig", "DistributedConfig", "TrainConfig",
+           "apply_overrides", "config_to_dict", "config_from_dict"]
+
+
+@dataclass
+class ModelConfig:
+    """Fields of :class:`kvshift.KVShiftConfig`; ``vocab_size`` 0 means: take it from the data."""
+
+    vocab_size: int = 0
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    kv_shift: bool = True
+    kv_shift_init: str = "paper"
+    kv_shift_position: str = "pre_rope"
+    kv_shift_parametrization: str = "free"
+
+
+@dataclass
+class DataConfig:
+    """``source``: ``"prepared"`` (a ``kvshift data prepare`` folder at ``path``) or ``"stdlib-bytes"``
+    (raw bytes of a few standard-library modules; needs no preparation)."""
+
+    source: str = "prepared"
+    path: str = "data/stdlib"
+    seq_len: int = 256
+    batch_size: int = 16  # rows per process per micro-step
+    grad_accum: int = 1
+    val_batches: int = 8
+    val_batch_size: int = 16
+    byte_files: int = 60
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    shift_lr_mult: float = 1.0  # LR multiplier of the k_shift / v_shift scalars
+    grad_clip: float = 1.0
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 100
+    decay_frac: float = 0.2  # WSD: fraction of steps spent decaying
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "none"  # none | ddp | fsdp (FSDP2, torch.distributed.fsdp.fully_shard)
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    steps: int = 1000
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False
+    threads: int = 0  # torch.set_num_threads on CPU; 0 leaves the default
+    eval_every: int = 100
+    log_every: int = 10
+    ckpt_every: int = 0  # 0: only the final checkpoint
+    stop_after: int = 0  # stop (checkpointed, resumable) after this many steps of this run; 0: run to the end
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        choices = {
+            "data.source": (self.data.source, ("prepared", "stdlib-bytes")),
+            "optim.schedule": (self.optim.schedule, ("cosine", "wsd", "constant")),
+            "distributed.strategy": (self.distributed.strategy, ("none", "ddp", "fsdp")),
+            "device": (self.device, ("auto", "cpu", "cuda")),
+            "dtype": (self.dtype, ("auto", "float32", "bfloat16")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+        for key in ("steps", "data.seq_len", "data.batch_size", "data.grad_accum", "log_every", "eval_every"):
+            obj, name = _resolve(self, key)
+            if getattr(obj, name) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(obj, name)}")
+        if not 0 <= self.optim.decay_frac <= 1:
+            raise ValueError(f"optim.decay_frac must be in [0, 1], got {self.optim.decay_frac}")
+
+
+def _resolve(cfg: Any, dotted: str) -> tuple[Any, str]:
+    parts = dotted.split(".")
+    obj = cfg
+    for i, part in enumerate(parts[:-1]):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise ValueError(f"unknown config key {dotted!r}: {'.'.join(parts[:i + 1])!r} does not exist")
+        obj = getattr(obj, part)
+    names = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
+    if parts[-1] not in names:
+        raise ValueError(f"unknown config key {dotted!r}; valid keys here: {sorted(names)}")
+    if dataclasses.is_dataclass(getattr(obj, parts[-1])):
+        raise ValueError(f"config key {dotted!r} is a section; set one of its fields")
+    return obj, parts[-1]
+
+
+def _parse(raw: str, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for t in typing.get_args(typ):
+            try:
+                return _parse(raw, t, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{key}={raw!r}: {'; '.join(errors)}")
+    if typ is type(None):
+        if raw.lower() in ("none", "null"):
+            return None
+        raise ValueError(f"{key} expects None, got {raw!r}")
+    if typ is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{key} expects a bool (true/false), got {raw!r}")
+    if typ is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{key} expects an int, got {raw!r}") from None
+    if typ is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{key} expects a float, got {raw!r}") from None
+    if typ is str:
+        return raw
+    return json.loads(raw)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``["a.b=value", ...]`` in place; unknown keys and values of the wrong type raise ValueError."""
+    hints_cache: dict[type, dict] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        obj, name = _resolve(cfg, key.strip())
+        hints = hints_cache.setdefault(type(obj), typing.get_type_hints(type(obj)))
+        setattr(obj, name, _parse(raw.strip(), hints[name], key.strip()))
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    cfg = TrainConfig()
+    for section in ("model", "data", "optim", "distributed"):
+        setattr(cfg, section, type(getattr(cfg, section))(**d.get(section, {})))
+    for k, v in d.items():
+        if k not in ("model", "data", "optim", "distributed"):
+            setattr(cfg, k, v)
+    return cfg

@@ -1,0 +1,59 @@
+"""AdamW parameter groups (no decay on norms, biases and shift scalars; shift LR multiplier) and LR schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import OptimConfig
+
+__all__ = ["param_groups", "build_optimizer", "lr_factor"]
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Three explicit groups: ``decay`` (matrices and embeddings), ``no_decay`` (norms, biases) and
+    ``kv_shift`` (the ``k_shift``/``v_shift`` scalars: no decay, LR x ``shift_lr_mult``, kept in fp32)."""
+    decay, no_decay, shift = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith("k_shift") or name.endswith("v_shift"):
+            if p.dtype != torch.float32:
+                raise ValueError(f"{name} must be kept in float32, got {p.dtype}")
+            shift.append(p)
+        elif p.dim() >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr_mult": 1.0, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0, "name": "no_decay"},
+        {"params": shift, "weight_decay": 0.0, "lr_mult": cfg.shift_lr_mult, "name": "kv_shift"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    groups = param_groups(model, cfg)
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_mult"]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
+    """LR multiplier at ``step`` (0-based): linear warm-up, then constant, cosine or WSD decay."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        span = max(1, total - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_steps = max(1, int(round(cfg.decay_frac * total)))  # WSD: stable, then linear decay to the floor
+    start = total - decay_steps
+    if step < start:
+        return 1.0
+    return 1.0 - (1 - floor) * min(1.0, (step - start + 1) / decay_steps)

@@ -1,0 +1,71 @@
+"""Recipes: functions returning a complete `TrainConfig` (override any field with `--set a.b=value`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+__all__ = ["RECIPES", "get_recipe"]
+
+
+def tiny() -> TrainConfig:
+    """A few seconds on CPU, no prepared data: raw bytes of a few stdlib modules, a 2-layer model."""
+    return TrainConfig(
+        name="tiny",
+        model=ModelConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=2),
+        data=DataConfig(source="stdlib-bytes", seq_len=64, batch_size=8, val_batches=2, val_batch_size=8,
+                        byte_files=20),
+        optim=OptimConfig(lr=3e-3, warmup_steps=5, weight_decay=0.1),
+        steps=20, eval_every=10, log_every=5, threads=2,
+    )
+
+
+def stdlib_small() -> TrainConfig:
+    """The comparison model on the prepared stdlib corpus (BPE 8192): 4 layers, d 256, T 256."""
+    return TrainConfig(
+        name="stdlib-small",
+        model=ModelConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=4, tie_word_embeddings=True),
+        data=DataConfig(source="prepared", path="data/stdlib", seq_len=256, batch_size=16, val_batches=16,
+                        val_batch_size=16),
+        optim=OptimConfig(lr=3e-3, warmup_steps=50, weight_decay=0.1, schedule="cosine"),
+        steps=600, eval_every=100, log_every=10, threads=2,
+    )
+
+
+def stdlib_quick() -> TrainConfig:
+    """`kvshift compare --quick`: a 2-layer d 128 model, 150 steps of 8 x 128 tokens."""
+    cfg = stdlib_small()
+    cfg.name = "stdlib-quick"
+    cfg.model = ModelConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=2, tie_word_embeddings=True)
+    cfg.data.seq_len, cfg.data.batch_size, cfg.data.val_batches = 128, 8, 16
+    cfg.optim.warmup_steps = 20
+    cfg.steps, cfg.eval_every = 150, 50
+    return cfg
+
+
+def gpt2_small() -> TrainConfig:
+    """GPT-2-small-class model (12 layers, d 768, 12 heads, T 1024) for a GPU; bring your own data."""
+    return TrainConfig(
+        name="gpt2-small",
+        model=ModelConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                          num_key_value_heads=12, tie_word_embeddings=True),
+        data=DataConfig(source="prepared", path="data/fineweb-edu", seq_len=1024, batch_size=32, grad_accum=1,
+                        val_batches=20, val_batch_size=16),
+        optim=OptimConfig(lr=1e-3, warmup_steps=250, weight_decay=0.1, schedule="wsd", decay_frac=0.4),
+        steps=5000, eval_every=250, log_every=10, compile=True, ckpt_every=1000,
+    )
+
+
+RECIPES: dict[str, Callable[[], TrainConfig]] = {
+    "tiny": tiny, "stdlib-small": stdlib_small, "stdlib-quick": stdlib_quick, "gpt2-small": gpt2_small,
+}
+
+
+def get_recipe(name: str) -> TrainConfig:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; available: {sorted(RECIPES)}")
+    return RECIPES[name]()
