@@ -13,6 +13,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Test tensors are tiny: one thread avoids OpenMP spin contention on a shared 2-core machine.
+torch.set_num_threads(1)
+
 import kvshift  # noqa: E402,F401  (registers the Auto classes)
 from kvshift import KVShiftConfig, KVShiftForCausalLM  # noqa: E402
 

@@ -19,7 +19,12 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
         help="'stdlib' (the running Python's standard library .py files), a local .txt/.jsonl/.parquet "
         "file, directory or glob, or a Hugging Face dataset name (prefix hf: or file: to force)",
     )
-    parser.add_argument("--out", required=True, help="output directory for the shards")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output directory for the shards (default data/stdlib for --source stdlib, which is where "
+        "`kvshift train` and `kvshift compare` look by default)",
+    )
     parser.add_argument(
         "--tokenizer",
         default=None,
@@ -49,6 +54,11 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 def run_prepare(args: argparse.Namespace) -> int:
     """Run ``data prepare``; bad input is reported on stderr with exit code 2."""
     started = time.perf_counter()
+    if args.out is None:
+        if args.source != "stdlib":
+            print("kvshift data prepare: error: --out is required unless --source stdlib", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        args.out = "data/stdlib"
     try:
         out = prepare(
             args.source,

@@ -31,8 +31,8 @@ def reset_mask_from_position_ids(position_ids: torch.Tensor, past: int = 0) -> t
     """``[B, T]`` True where a new sequence starts: a position that does not follow its left neighbour
     by one (the packed-sequence rule of Hugging Face masks), or a 0 right after cached tokens."""
     reset = torch.zeros_like(position_ids, dtype=torch.bool)
-    if past > 0:
-        reset[:, 0] = position_ids[:, 0] == 0
+    # branchless: `past` is a tensor for static caches, and data-dependent branches break torch.compile
+    reset[:, 0] = (position_ids[:, 0] == 0) & (past > 0)
     reset[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
     return reset
 
@@ -54,15 +54,18 @@ def document_mask_function(reset_mask: torch.Tensor, past: int):
     return fn
 
 
-def _pad_mask(attention_mask, T: int, past: int) -> torch.Tensor | None:
-    """``[B, T]`` 1 = real token for the current chunk, from a 2-D mask or from a 4-D mask's diagonal."""
+def _pad_mask(attention_mask, T: int, past: int, kv_offset: int = 0) -> torch.Tensor | None:
+    """``[B, T]`` 1 = real token for the current chunk, from a 2-D mask or from a 4-D mask's diagonal.
+
+    ``kv_offset`` is the absolute position of the 4-D mask's first key (non-zero for sliding-window caches).
+    """
     if attention_mask is None or not isinstance(attention_mask, torch.Tensor):
         return None
     if attention_mask.dim() == 2:
         return attention_mask[:, -T:]
     if attention_mask.dim() == 4:  # a token attends to itself iff it is real
         idx = torch.arange(T, device=attention_mask.device)
-        diag = attention_mask[:, 0, idx, past + idx]
+        diag = attention_mask[:, 0, idx, past - kv_offset + idx]
         return diag if diag.dtype == torch.bool else diag == 0
     return None
 
@@ -86,6 +89,10 @@ class KVShiftPreTrainedModel(PreTrainedModel):
                 init.copy_(p, init_shift_weight(
                     module.num_kv_heads, self.config.kv_shift_init, module.parametrization
                 ).to(p.device, p.dtype))
+        if isinstance(module, KVShiftModel):
+            # a non-persistent buffer: from_pretrained materializes it with torch.empty_like, so set it here
+            init.copy_(module.inv_freq, rope_inv_freq(self.config.head_dim, self.config.rope_theta).to(
+                module.inv_freq.device))
 
 
 class KVShiftModel(KVShiftPreTrainedModel):
@@ -153,10 +160,17 @@ class KVShiftModel(KVShiftPreTrainedModel):
         reset_mask = reset_mask_from_position_ids(position_ids, past)
         if not torch.compiler.is_compiling() and not bool(reset_mask.any()):
             reset_mask = None
-        pad_mask = _pad_mask(attention_mask, T, past)
+        kv_offset = 0
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and cache is not None:
+            # a sliding-window cache layer's mask starts at kv_offset, not at position 0
+            kv_offset = cache.get_mask_sizes(T, 0)[1]
+        pad_mask = _pad_mask(attention_mask, T, past, kv_offset)
 
         mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                            cache=cache, position_ids=position_ids)
+        if getattr(cache, "is_compileable", False):
+            # A static cache returns max_cache_len keys: never rely on SDPA's is_causal (it needs T == S)
+            mask_kwargs["allow_is_causal_skip"] = False
         if reset_mask is not None and (attention_mask is None or attention_mask.dim() == 2):
             mask_kwargs["and_mask_function"] = document_mask_function(reset_mask, past)
         make_mask = create_sliding_window_causal_mask if self.config.sliding_window else create_causal_mask

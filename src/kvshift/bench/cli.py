@@ -1,0 +1,84 @@
+"""`kvshift bench op|layer|model|decode|all|gpu`: ratios against vanilla attention in one run, tables + JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .common import hardware_info, markdown_table
+
+__all__ = ["add_arguments", "run", "run_benchmarks"]
+
+WHAT = ("op", "layer", "model", "decode", "all", "gpu")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", choices=WHAT, help="which benchmark ('gpu': GPU tests + every benchmark)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the .md / .json results")
+    parser.add_argument("--no-save", action="store_true", help="print only")
+
+
+def _table(rows: list[dict]) -> str:
+    cols = [c for c in rows[0] if c != "bench"]
+    return markdown_table(rows, cols)
+
+
+def run_benchmarks(what: str, device: torch.device, rounds: int | None = None) -> dict[str, list[dict]]:
+    from .model import CPU_MODEL, GPU_MODEL, bench_decode, bench_layer, bench_train_step
+    from .op import bench_op
+
+    cuda = device.type == "cuda"
+    spec = GPU_MODEL if cuda else CPU_MODEL
+    dtype = torch.bfloat16 if cuda else torch.float32
+    r = rounds or (30 if cuda else 15)
+    out: dict[str, list[dict]] = {}
+    if what in ("op", "all"):
+        out["op"] = bench_op(device=device)
+    if what in ("layer", "all"):
+        out["layer"] = [bench_layer(spec, device, dtype, rounds=r)]
+    if what in ("model", "all"):
+        out["model"] = [bench_train_step(spec, device, dtype if cuda else None, rounds=r, compile=cuda)]
+    if what in ("decode", "all"):
+        out["decode"] = bench_decode(spec, device, dtype, rounds=max(3, r // 5))
+    return out
+
+
+def _save(folder: Path, name: str, text: str, payload: dict) -> None:
+    from ..experiments.common import atomic_write_text
+
+    atomic_write_text(folder / f"{name}.md", text)
+    atomic_write_text(folder / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.what == "gpu":
+        if not torch.cuda.is_available():
+            raise ValueError("kvshift bench gpu needs a CUDA GPU (none is visible)")
+        t0 = time.perf_counter()
+        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "slow or not slow", "tests/ops",
+                                "tests/test_kv_shift_op.py", "tests/test_decode.py", "-x"], text=True)
+        print(f"GPU tests: exit {tests.returncode} ({time.perf_counter() - t0:.0f} s)")
+        what = "all"
+    else:
+        what = args.what
+    hw = hardware_info()
+    results = run_benchmarks(what, device, args.rounds)
+    lines = [f"# kvshift bench {what} ({device.type})", "", *[f"- {k}: {v}" for k, v in hw.items()], ""]
+    for name, rows in results.items():
+        lines += [f"## {name}", "", _table(rows)]
+    text = "\n".join(lines)
+    print(text)
+    payload = {"bench": what, "device": device.type, "hardware": hw, "results": results}
+    if not args.no_save:
+        _save(Path(args.out), f"{what}-{device.type}", text, payload)
+    print(json.dumps(payload))
+    return 0 if args.what != "gpu" or tests.returncode == 0 else 1

@@ -1,0 +1,151 @@
+"""Layer, training-step and decode benchmarks: KV shifting against vanilla attention, interleaved in one run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..models import KVShiftConfig, KVShiftForCausalLM
+
+__all__ = ["interleaved", "bench_layer", "bench_train_step", "bench_decode", "CPU_MODEL", "GPU_MODEL"]
+
+# Small model for a 2-core CPU; GPT-2-small class for a GPU (issue targets).
+CPU_MODEL = dict(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=4, batch=8, seq=256)
+GPU_MODEL = dict(vocab_size=50304, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=12, batch=32, seq=1024)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, rounds: int) -> dict:
+    """Median ms per call of each fn, measured round-robin (order alternating) so drift hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            _sync(device)
+            t = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _config(spec: dict, kv_shift: bool) -> KVShiftConfig:
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads")
+    return KVShiftConfig(**{k: spec[k] for k in keys}, max_position_embeddings=spec["seq"] + 64,
+                         kv_shift=kv_shift, tie_word_embeddings=True, use_cache=False,
+                         bos_token_id=None, eos_token_id=None)
+
+
+def _models(spec: dict, device, dtype) -> dict[str, KVShiftForCausalLM]:
+    out = {}
+    for name, flag in (("vanilla", False), ("kvshift", True)):
+        torch.manual_seed(0)
+        out[name] = KVShiftForCausalLM(_config(spec, flag)).to(device=device, dtype=dtype)
+    return out
+
+
+def bench_layer(spec: dict, device: torch.device, dtype: torch.dtype, warmup: int = 3, rounds: int = 20) -> dict:
+    """Forward + backward of one decoder layer (attention + MLP), KV shifting vs vanilla."""
+    from ..layers.block import DecoderLayer
+    from ..ops.rope import rope_cos_sin, rope_inv_freq
+
+    B, T = spec["batch"], spec["seq"]
+    fns = {}
+    for name, flag in (("vanilla", False), ("kvshift", True)):
+        cfg = _config(spec, flag)
+        torch.manual_seed(0)
+        layer = DecoderLayer(cfg, 0).to(device=device, dtype=dtype)
+        x = torch.randn(B, T, cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
+        pos = torch.arange(T, device=device)[None].expand(B, T)
+        cos_sin = rope_cos_sin(pos, rope_inv_freq(cfg.head_dim, cfg.rope_theta, device), dtype)
+
+        def fn(layer=layer, x=x, cos_sin=cos_sin):
+            layer(x, cos_sin).sum().backward()
+
+        fns[name] = fn
+    ms = interleaved(fns, device, warmup, rounds)
+    return {"bench": "layer", "vanilla_ms": ms["vanilla"], "kvshift_ms": ms["kvshift"],
+            "ratio": ms["kvshift"] / ms["vanilla"]}
+
+
+def bench_train_step(spec: dict, device: torch.device, dtype: torch.dtype | None = None, warmup: int = 3,
+                     rounds: int = 20, compile: bool = False) -> dict:
+    """A full AdamW training step (forward, backward, optimizer); tokens/s of KV shifting over vanilla."""
+    B, T = spec["batch"], spec["seq"]
+    models = _models(spec, device, torch.float32)
+    use_bf16 = dtype == torch.bfloat16
+    x = torch.randint(0, spec["vocab_size"], (B, T), device=device)
+    fns = {}
+    for name, model in models.items():
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        fwd = torch.compile(model) if compile else model
+
+        def fn(fwd=fwd, opt=opt):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = fwd(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        fns[name] = fn
+    ms = interleaved(fns, device, warmup, rounds)
+    tok = B * T
+    row = {"bench": "train_step", "batch": B, "seq": T, "vanilla_ms": ms["vanilla"], "kvshift_ms": ms["kvshift"],
+           "vanilla_tokens_per_s": tok / ms["vanilla"] * 1e3, "kvshift_tokens_per_s": tok / ms["kvshift"] * 1e3}
+    row["throughput_ratio"] = row["kvshift_tokens_per_s"] / row["vanilla_tokens_per_s"]
+    row["time_ratio"] = ms["kvshift"] / ms["vanilla"]
+    if device.type == "cuda":
+        n = sum(p.numel() for p in models["vanilla"].parameters())
+        flops = 6 * n * tok + 12 * spec["num_hidden_layers"] * spec["hidden_size"] * T * tok  # PaLM-style count
+        peak = 989e12  # H100/H200 dense bf16
+        row["vanilla_mfu"] = flops / (ms["vanilla"] / 1e3) / peak
+    return row
+
+
+@torch.no_grad()
+def bench_decode(spec: dict, device: torch.device, dtype: torch.dtype, batch_sizes=(1, 32), prompt: int = 128,
+                 new_tokens: int = 32, rounds: int = 5) -> list[dict]:
+    """Per-token decode latency with the KV cache after a ``prompt``-token prefill."""
+    from transformers import DynamicCache
+
+    models = _models(spec, device, dtype)
+    rows = []
+    for B in batch_sizes:
+        ids = torch.randint(0, spec["vocab_size"], (B, prompt), device=device)
+        nxt = torch.randint(0, spec["vocab_size"], (B, 1), device=device)
+        fns = {}
+        for name, model in models.items():
+            model.eval()
+
+            def fn(model=model):
+                cache = DynamicCache(config=model.config)
+                model(ids, past_key_values=cache, use_cache=True)
+                for _ in range(new_tokens):
+                    model(nxt, past_key_values=cache, use_cache=True)
+
+            fns[name] = fn
+        prefill = {}
+        for name, model in models.items():  # prefill alone, to subtract
+            def pf(model=model):
+                model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+
+            prefill[name] = pf
+        total = interleaved(fns, device, 1, rounds)
+        pre = interleaved(prefill, device, 1, rounds)
+        per_tok = {k: max(total[k] - pre[k], 1e-6) / new_tokens for k in total}
+        rows.append({"bench": "decode", "batch": B, "prompt": prompt, "vanilla_ms_per_token": per_tok["vanilla"],
+                     "kvshift_ms_per_token": per_tok["kvshift"], "ratio": per_tok["kvshift"] / per_tok["vanilla"]})
+    return rows

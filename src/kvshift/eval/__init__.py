@@ -1,0 +1,1 @@
+"""lm-evaluation-harness integration: the `kvshift eval` command."""

@@ -1,0 +1,142 @@
+"""`kvshift eval`: evaluate a saved model directory with lm-evaluation-harness (its `hf` model, kvshift registered)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["add_arguments", "run", "evaluate"]
+
+
+def _batch_size(value: str):
+    if value == "auto" or value.startswith("auto:"):
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch size must be a positive int or 'auto', got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"batch size must be positive, got {n}")
+    return n
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="model directory with its tokenizer (kvshift or any Hugging Face causal LM)")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (globs allowed)")
+    parser.add_argument("--include-path", default=None, metavar="DIR",
+                        help="extra directory of task YAML files")
+    parser.add_argument("--batch-size", type=_batch_size, default=1, help="int or 'auto' (default 1)")
+    parser.add_argument("--limit", type=float, default=None,
+                        help="at most this many examples per task (a fraction if < 1; for testing)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0... (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--num-fewshot", type=int, default=None)
+    parser.add_argument("--output", default=None, metavar="PATH",
+                        help="results JSON (default: DIR/eval_results.json)")
+    parser.add_argument("--log-samples", action="store_true", help="keep per-example outputs in the JSON")
+    parser.add_argument("--seed", type=int, default=0, help="seed of python/numpy/torch and few-shot sampling")
+    parser.add_argument("--bootstrap-iters", type=int, default=1000,
+                        help="bootstrap iterations for standard errors (0 = none)")
+
+
+def evaluate(
+    model_dir: str | Path,
+    tasks: list[str],
+    *,
+    include_path: str | Path | None = None,
+    batch_size: int | str = 1,
+    limit: float | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    num_fewshot: int | None = None,
+    log_samples: bool = False,
+    seed: int = 0,
+    bootstrap_iters: int = 1000,
+) -> dict:
+    """Run lm-eval's ``simple_evaluate`` with ``model="hf"`` on a validated model directory."""
+    from ..generate_cli import check_model_dir
+
+    check_model_dir(model_dir)
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise ValueError(f"kvshift eval needs lm-evaluation-harness: pip install 'lm-eval[hf]' ({err})") from err
+    if include_path is not None and not Path(include_path).is_dir():
+        raise FileNotFoundError(f"--include-path {include_path} is not a directory")
+    tasks = [t.strip() for t in tasks if t.strip()]
+    if not tasks:
+        raise ValueError("no task given")
+    manager = None
+    if include_path is not None:  # indexing only the given directory is much faster than all built-in tasks
+        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        if all(local.match_tasks([t]) for t in tasks):
+            manager = local
+    if manager is None:
+        manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    unknown = [t for t in tasks if not manager.match_tasks([t]) and not Path(t).is_file()]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {unknown}; list them with `lm_eval ls tasks`"
+                         + ("" if include_path else " or pass --include-path for your own task YAMLs"))
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    limit_arg = int(limit) if limit is not None and limit >= 1 else limit
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(model_dir), "dtype": dtype, "backend": "causal"},
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        device=device,
+        limit=limit_arg,
+        task_manager=manager,
+        log_samples=log_samples,
+        bootstrap_iters=bootstrap_iters,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    if results is None:  # not rank 0 of a distributed run
+        return {}
+    if not log_samples:
+        results.pop("samples", None)
+    return results
+
+
+def _write_json(path: Path, obj) -> None:
+    from lm_eval.utils import handle_non_serializable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    results = evaluate(
+        args.model, args.tasks.split(","), include_path=args.include_path, batch_size=args.batch_size,
+        limit=args.limit, device=args.device, dtype=args.dtype, num_fewshot=args.num_fewshot,
+        log_samples=args.log_samples, seed=args.seed, bootstrap_iters=args.bootstrap_iters,
+    )
+    if not results:
+        return 0
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    output = Path(args.output) if args.output else Path(args.model) / "eval_results.json"
+    _write_json(output, results)
+    print(f"results written to {output}")
+    return 0

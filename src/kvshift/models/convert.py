@@ -1,0 +1,365 @@
+"""`kvshift convert`: turn a Llama / Qwen2 / Mistral causal LM into a `KVShiftForCausalLM` checkpoint.
+
+The converted model has the source's weights under the same names plus the KV-shift weights
+``model.layers.{i}.self_attn.k_shift/v_shift``. With ``init="identity"`` (current token 1, previous 0)
+the converted model computes exactly the source model, so continued pretraining starts from it;
+``init="paper"`` draws the paper's convex random mix instead. The output directory is written
+atomically: a failure leaves no partial directory behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..layers.attention import init_shift_weight
+from ..ops.rope import rope_inv_freq
+from .configuration import KV_SHIFT_INITS, KVShiftConfig
+from .modeling import KVShiftForCausalLM
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "convert_checkpoint", "kvshift_config_from", "add_arguments", "run"]
+
+# model_type -> architecture (the causal-LM class whose weights we know how to map)
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+_SUPPORTED_NAMES = ", ".join(SUPPORTED_ARCHITECTURES.values())
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+# Files that make up a Hugging Face tokenizer (copied verbatim from a local source directory).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def _unsupported(name: str) -> ValueError:
+    return ValueError(f"cannot convert architecture {name!r}: supported architectures are {_SUPPORTED_NAMES}")
+
+
+def _check_architecture(config, class_name: str | None = None) -> str:
+    """The source's model_type, or a ValueError naming the supported architectures."""
+    model_type = getattr(config, "model_type", None)
+    if class_name is not None:  # a model object: its class decides
+        if class_name not in SUPPORTED_ARCHITECTURES.values():
+            raise _unsupported(class_name)
+    else:
+        archs = list(getattr(config, "architectures", None) or [])
+        bad = [a for a in archs if a not in SUPPORTED_ARCHITECTURES.values()]
+        if bad:
+            raise _unsupported(bad[0])
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise _unsupported(class_name or f"model_type={model_type}")
+    return model_type
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
+
+
+def _rope_theta(config) -> float:
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and rope:
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(
+                f"cannot convert: RoPE type {rope_type!r} ({rope}) is not supported, kvshift models use the "
+                "default RoPE only"
+            )
+        if "rope_theta" in rope:
+            return float(rope["rope_theta"])
+    scaling = getattr(config, "rope_scaling", None)
+    if scaling:
+        raise ValueError(f"cannot convert: rope_scaling {scaling} is not supported (default RoPE only)")
+    return float(getattr(config, "rope_theta", None) or 10000.0)
+
+
+def _sliding_window(config, model_type: str) -> int | None:
+    if model_type == "llama":
+        return None
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if model_type == "qwen2":
+        if not getattr(config, "use_sliding_window", False):
+            return None
+        kinds = set(layer_types or ["sliding_attention"])
+        if kinds == {"full_attention"}:
+            return None
+        if kinds != {"sliding_attention"}:
+            raise ValueError(
+                "cannot convert: this Qwen2 checkpoint mixes sliding-window and full-attention layers "
+                f"(layer_types={layer_types}); kvshift uses one attention type for every layer"
+            )
+    if layer_types and set(layer_types) == {"full_attention"}:
+        return None
+    return int(window) if window else None
+
+
+def kvshift_config_from(config, init: str = "identity") -> KVShiftConfig:
+    """A :class:`KVShiftConfig` with the hyper-parameters of a Llama / Qwen2 / Mistral config."""
+    model_type = _check_architecture(config)
+    if init not in KV_SHIFT_INITS:
+        raise ValueError(f"init must be one of {KV_SHIFT_INITS}, got {init!r}")
+    partial = getattr(config, "partial_rotary_factor", None)
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"cannot convert: partial_rotary_factor={partial} is not supported (full RoPE only)")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kwargs = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        head_dim=head_dim,
+        hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings,
+        initializer_range=getattr(config, "initializer_range", 0.02),
+        rms_norm_eps=config.rms_norm_eps,
+        use_cache=getattr(config, "use_cache", True),
+        pad_token_id=getattr(config, "pad_token_id", None),
+        bos_token_id=getattr(config, "bos_token_id", None),
+        eos_token_id=getattr(config, "eos_token_id", None),
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        rope_theta=_rope_theta(config),
+        attention_bias=bool(getattr(config, "attention_bias", False)) if model_type == "llama" else False,
+        qkv_bias=model_type == "qwen2",
+        attention_dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
+        mlp_bias=bool(getattr(config, "mlp_bias", False)) if model_type == "llama" else False,
+        sliding_window=_sliding_window(config, model_type),
+        kv_shift=True,
+        kv_shift_init=init,
+        kv_shift_position="pre_rope",
+    )
+    return KVShiftConfig(**kwargs)
+
+
+def _load_source(source: str, dtype: torch.dtype | None):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as err:
+        if Path(source).exists() and not (Path(source) / "config.json").is_file():
+            raise FileNotFoundError(f"{source} is not a Hugging Face model directory (no config.json)") from err
+        raise ValueError(f"cannot load a model config from {source!r}: {err}") from err
+    _check_architecture(config)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
+
+
+def _convert_model(source: nn.Module, init: str, dtype: torch.dtype | None, *, share: bool,
+                   seed: int | None) -> KVShiftForCausalLM:
+    _check_architecture(source.config, type(source).__name__)
+    config = kvshift_config_from(source.config, init)
+    src_dtype = next(source.parameters()).dtype
+    dtype = dtype or src_dtype
+    with torch.device("meta"):
+        model = KVShiftForCausalLM(config)
+
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
+    expected = set(model.state_dict())
+    shift_keys = {k for k in expected if k.endswith(("k_shift", "v_shift"))}
+    tied = config.tie_word_embeddings
+    unexpected = sorted(set(state) - expected)
+    missing = sorted(expected - set(state) - shift_keys - ({"lm_head.weight"} if tied else set()))
+    if unexpected or missing:
+        raise ValueError(
+            f"the {type(source).__name__} weights do not map onto KVShiftForCausalLM: "
+            f"unexpected {unexpected[:8]}, missing {missing[:8]}"
+        )
+    if tied:
+        state.pop("lm_head.weight", None)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if t.dtype.is_floating_point and t.dtype != dtype:
+            return t.to(dtype)
+        return t if share else t.clone()
+
+    model.load_state_dict({k: cast(v) for k, v in state.items()}, strict=False, assign=True)
+    device = model.model.embed_tokens.weight.device
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if attn.use_kv_shift:
+            for name in ("k_shift", "v_shift"):
+                w = init_shift_weight(attn.num_kv_heads, init, attn.parametrization, generator=generator)
+                setattr(attn, name, nn.Parameter(w.to(device=device, dtype=dtype)))
+    model.model.register_buffer(
+        "inv_freq", rope_inv_freq(config.head_dim, config.rope_theta, device=device), persistent=False
+    )
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"conversion left tensors unset: {left}")
+    config.dtype = dtype
+    gen = getattr(source, "generation_config", None)
+    if gen is not None:
+        model.generation_config = copy.deepcopy(gen)
+    return model.eval()
+
+
+def _tokenizer_dir(source) -> Path | None:
+    """The local directory holding the source's tokenizer files, if any."""
+    if isinstance(source, (str, Path)):
+        name = str(source)
+    else:
+        name = getattr(source, "name_or_path", "") or getattr(source.config, "_name_or_path", "") or ""
+    if not name:  # a model built in memory has no directory (and Path("") would be the cwd)
+        return None
+    path = Path(name)
+    if path.is_dir() and any((path / f).is_file() for f in TOKENIZER_FILES):
+        return path
+    return None
+
+
+def _check_tokenizer_vocab(tokenizer, vocab_size: int, where) -> None:
+    if tokenizer is not None and len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"tokenizer at {where} has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}"
+        )
+
+
+def _write_tokenizer(source, tokenizer, dest: Path, vocab_size: int) -> None:
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None:  # an explicit tokenizer (object or name)
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        _check_tokenizer_vocab(tokenizer, vocab_size, "the given tokenizer")
+        tokenizer.save_pretrained(dest)
+        return
+    local = _tokenizer_dir(source)
+    if local is not None:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(local))
+        except Exception:  # noqa: BLE001 - an unloadable tokenizer is copied as is, unchecked
+            tok = None
+        _check_tokenizer_vocab(tok, vocab_size, local)
+        for name in TOKENIZER_FILES:
+            if (local / name).is_file():
+                shutil.copy2(local / name, dest / name)
+        return
+    if isinstance(source, str):  # a hub id: fetch its tokenizer if it has one
+        try:
+            tok = AutoTokenizer.from_pretrained(source)
+        except Exception:  # noqa: BLE001 - a checkpoint without a tokenizer is still converted
+            return
+        _check_tokenizer_vocab(tok, vocab_size, source)
+        tok.save_pretrained(dest)
+
+
+def _save_atomically(model: KVShiftForCausalLM, out_dir: Path, source, tokenizer, overwrite: bool) -> None:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists and is not empty (pass --overwrite to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    old = None
+    try:
+        model.save_pretrained(tmp)
+        _write_tokenizer(source, tokenizer, tmp, model.config.vocab_size)
+        if out_dir.exists():
+            if out_dir.is_dir() and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+            else:  # overwrite: move the old output aside, put the new one in place, then drop the old
+                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+                os.replace(out_dir, old / "previous")
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / "previous").exists() and not out_dir.exists():
+            os.replace(old / "previous", out_dir)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def convert_checkpoint(
+    source,
+    out_dir: str | Path | None = None,
+    *,
+    init: str = "identity",
+    dtype=None,
+    tokenizer=None,
+    seed: int | None = None,
+    overwrite: bool = False,
+) -> KVShiftForCausalLM:
+    """Convert a Llama / Qwen2 / Mistral causal LM to a :class:`KVShiftForCausalLM`.
+
+    Args:
+        source: a local checkpoint directory or hub id (loaded with ``AutoModelForCausalLM``), or a
+            ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM`` object (its weights are
+            copied, never shared).
+        out_dir: where to save the converted model (safetensors) and the source's tokenizer; written
+            atomically. ``None``: only return the model.
+        init: ``"identity"`` (the converted model equals the source exactly), ``"paper"`` or ``"softmax"``.
+        dtype: ``None`` (keep the source's), a ``torch.dtype`` or ``"float32"``/``"bfloat16"``/``"float16"``.
+        tokenizer: a tokenizer object or path to save beside the model instead of the source's.
+        seed: seed of the random shift weights (``init="paper"``/``"softmax"``).
+        overwrite: replace a non-empty ``out_dir`` (otherwise ``FileExistsError``).
+
+    Raises:
+        ValueError: unsupported architecture (the message lists the supported ones), unsupported RoPE
+            variant, weights that do not map, tokenizer larger than the vocabulary.
+        FileNotFoundError: ``source`` is a directory without a model config.
+    """
+    if init not in KV_SHIFT_INITS:
+        raise ValueError(f"init must be one of {KV_SHIFT_INITS}, got {init!r}")
+    torch_dtype = _resolve_dtype(dtype)
+    if out_dir is not None and not overwrite:
+        out = Path(out_dir)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+    if isinstance(source, (str, Path)):
+        src_model = _load_source(str(source), torch_dtype)
+        model = _convert_model(src_model, init, torch_dtype, share=True, seed=seed)
+        del src_model
+    elif isinstance(source, nn.Module) and hasattr(source, "config"):
+        model = _convert_model(source, init, torch_dtype, share=False, seed=seed)
+    else:
+        raise ValueError(f"source must be a path, a hub id or a PreTrainedModel, got {type(source).__name__}")
+    if out_dir is not None:
+        _save_atomically(model, Path(out_dir), source, tokenizer, overwrite)
+    return model
+
+
+# --- CLI ------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="source", required=True, metavar="PATH_OR_ID",
+                        help=f"source checkpoint directory or hub id ({_SUPPORTED_NAMES})")
+    parser.add_argument("--to", dest="out_dir", required=True, metavar="DIR",
+                        help="output directory (written atomically; must not exist or be empty)")
+    parser.add_argument("--init", choices=KV_SHIFT_INITS, default="identity",
+                        help="shift-weight init: identity (= the source model exactly, default), paper, softmax")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="dtype of the saved weights (default: the source's)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of random shift weights (paper/softmax)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    model = convert_checkpoint(args.source, args.out_dir, init=args.init, dtype=args.dtype, seed=args.seed,
+                               overwrite=args.overwrite)
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.source} -> {args.out_dir}: {c.num_hidden_layers} layers, "
+          f"{c.num_attention_heads} heads / {c.num_key_value_heads} KV heads, {n_params:,} parameters, "
+          f"kv_shift_init={args.init}, dtype={str(next(model.parameters()).dtype).removeprefix('torch.')}")
+    return 0

@@ -1,0 +1,156 @@
+"""lm-evaluation-harness offline: padded batches score and generate like single examples; `kvshift eval` writes JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("accelerate")  # lm_eval's HFLM imports it (the `lm-eval[hf]` extra)
+
+LL_TASK, GEN_TASK = "kvshift_tiny_ll", "kvshift_tiny_gen"
+CONTEXTS = ["the cat", "the cat sat on the mat and", "a quick brown fox", "hello", "hello world, hello kv shift",
+            "induction heads copy", "the lazy dog jumps over the quick brown"]
+TARGETS = [" sat", " the dog", " jumps over the lazy dog", " world, hello kv", " attention", " the token", " fox"]
+NEVER = "@@never@@"  # a stop string the tiny model will not produce: every generation runs max_gen_toks
+
+
+def write_tasks(task_dir) -> None:
+    rows = [{"context": c, "continuation": t} for c, t in zip(CONTEXTS, TARGETS, strict=True)]
+    data = task_dir / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = f"""dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{continuation}}}}"
+"""
+    (task_dir / f"{LL_TASK}.yaml").write_text(f"""task: {LL_TASK}
+output_type: loglikelihood
+{common}metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+    (task_dir / f"{GEN_TASK}.yaml").write_text(f"""task: {GEN_TASK}
+output_type: generate_until
+{common}generation_kwargs:
+  until: ["{NEVER}"]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import datasets
+    from lm_eval.tasks import TaskManager
+    from test_hf_auto import save_tiny
+
+    root = tmp_path_factory.mktemp("lm_eval")
+    save_tiny(root / "model", seed=1)
+    (root / "tasks").mkdir()
+    write_tasks(root / "tasks")
+    with pytest.MonkeyPatch.context() as mp:  # keep the json dataset cache inside the test directory
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(root / "datasets_cache"))
+        yield {"root": root, "model": root / "model", "tasks": root / "tasks",
+               "manager": TaskManager(include_path=str(root / "tasks"))}
+
+
+def run_harness(setup, batch_size: int) -> dict:
+    import lm_eval
+
+    return lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(setup["model"]), "backend": "causal", "dtype": "float32"},
+        tasks=[LL_TASK, GEN_TASK], batch_size=batch_size, device="cpu", task_manager=setup["manager"],
+        log_samples=True, bootstrap_iters=0,
+    )
+
+
+def by_doc(results: dict, task: str) -> dict[str, object]:
+    return {s["doc"]["context"]: s["resps"][0][0] for s in results["samples"][task]}
+
+
+@pytest.fixture(scope="module")
+def harness_runs(setup):
+    return {bs: run_harness(setup, bs) for bs in (4, 1)}
+
+
+def test_loglikelihood_padded_batch_equals_single(setup, harness_runs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    batched, single = by_doc(harness_runs[4], LL_TASK), by_doc(harness_runs[1], LL_TASK)
+    assert set(batched) == set(CONTEXTS)
+    model = AutoModelForCausalLM.from_pretrained(setup["model"])
+    tok = AutoTokenizer.from_pretrained(setup["model"])
+    for ctx, target in zip(CONTEXTS, TARGETS, strict=True):
+        (ll_b, greedy_b), (ll_1, greedy_1) = batched[ctx], single[ctx]
+        assert abs(ll_b - ll_1) <= 1e-4 and greedy_b == greedy_1
+        # and both are the model's own log-likelihood of the continuation
+        ctx_ids = tok(ctx).input_ids
+        ids = tok(ctx + target).input_ids
+        with torch.no_grad():
+            logp = model(torch.tensor([ids]), use_cache=False).logits.log_softmax(-1)[0]
+        ref = sum(logp[i - 1, ids[i]].item() for i in range(len(ctx_ids), len(ids)))
+        assert abs(ll_1 - ref) <= 1e-4
+
+
+def test_generate_until_left_padded_equals_unpadded(setup, harness_runs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    batched, single = by_doc(harness_runs[4], GEN_TASK), by_doc(harness_runs[1], GEN_TASK)
+    assert batched == single
+    model = AutoModelForCausalLM.from_pretrained(setup["model"])
+    tok = AutoTokenizer.from_pretrained(setup["model"])
+    for ctx in CONTEXTS:  # each context alone, no padding, straight through generate()
+        enc = tok(ctx, return_tensors="pt")
+        out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        new = out[0, enc.input_ids.shape[1]:].tolist()
+        if tok.eos_token_id in new:
+            new = new[:new.index(tok.eos_token_id)]
+        assert single[ctx] == tok.decode(new, skip_special_tokens=True)
+    assert sum(len(s) for s in single.values()) > 0
+
+
+def test_kvshift_eval_cli_writes_json(setup, capsys):
+    from kvshift.cli import main
+
+    out = setup["root"] / "results" / "eval.json"
+    argv = ["eval", "--model", str(setup["model"]), "--tasks", f"{LL_TASK},{GEN_TASK}", "--include-path",
+            str(setup["tasks"]), "--batch-size", "4", "--device", "cpu", "--limit", "5", "--output", str(out),
+            "--bootstrap-iters", "0"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert LL_TASK in printed and GEN_TASK in printed and str(out) in printed
+    results = json.loads(out.read_text())
+    assert set(results["results"]) == {LL_TASK, GEN_TASK}
+    assert "acc,none" in results["results"][LL_TASK]
+    assert results["n-samples"][LL_TASK]["effective"] == 5
+    assert "samples" not in results
+
+
+def test_kvshift_eval_bad_input(setup, tmp_path, capsys):
+    from test_hf_auto import save_tiny
+
+    from kvshift.cli import main
+
+    base = ["--tasks", LL_TASK, "--include-path", str(setup["tasks"]), "--device", "cpu"]
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "--model", str(tmp_path / "empty"), *base]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+    save_tiny(tmp_path / "small", vocab_size=97)  # the tokenizer has 300 tokens
+    assert main(["eval", "--model", str(tmp_path / "small"), *base]) == 2
+    err = capsys.readouterr().err
+    assert "300" in err and "97" in err and "vocab" in err
+    assert main(["eval", "--model", str(setup["model"]), "--tasks", "no_such_task_xyz", "--include-path",
+                 str(setup["tasks"])]) == 2
+    assert "unknown lm-eval task" in capsys.readouterr().err
+    assert not list(tmp_path.glob("**/eval_results.json"))
