@@ -180,3 +180,20 @@ def test_two_process_matches_one_process(tmp_path, strategy):
     double = _torchrun(tmp_path, strategy, 2, 4, f"double-{strategy}")
     assert len(single) == len(double) == 4
     assert max(abs(a - b) for a, b in zip(single, double)) < 1e-4  # same global batch, fp32 reduction order
+
+
+def test_compare_tiny_writes_stats_and_plot(tmp_path):
+    from kvshift.train.compare import compare
+
+    sets = ["steps=3", "eval_every=3", "model.hidden_size=32", "model.intermediate_size=64", "data.seq_len=32",
+            "data.batch_size=4", "data.byte_files=8", "tensorboard=false"]
+    payload = compare("tiny", 2, tmp_path / "cmp", overrides=sets)
+    for f in ("results.json", "results.md", "config.json", "val_loss.png"):
+        assert (tmp_path / "cmp" / f).exists(), f
+    assert payload["paired_val_loss"]["n"] == 2
+    variants = {(r["model"], r["metric"]) for r in payload["rows"]}
+    assert ("kvshift", "val_loss") in variants and ("vanilla", "val_loss") in variants
+    assert len(payload["shift_tables"]) == 2
+    # same seed, same data order: the two variants start from the same initial loss up to the shift
+    v0, k0 = payload["runs"]["vanilla"][0], payload["runs"]["kvshift"][0]
+    assert v0["tokens"] == k0["tokens"]

@@ -16,7 +16,10 @@ def shift_table(model) -> dict:
 
     Rows of ``heads``: ``{"layer", "head", "alpha1", "alpha2", "beta1", "beta2"}`` (alpha = key, beta =
     value; index 1 = current token, 2 = previous token). ``table`` counts heads whose key leans current
-    (alpha1 > alpha2) or previous, crossed with the same for the value.
+    (|alpha1| > |alpha2|) or previous, crossed with the same for the value. Magnitudes, not signed values:
+    learned weights go negative (the paper's 2.9B model has beta2 = -0.15) and a key of
+    ``0.1 k_t - 1.0 k_{t-1}`` reads the previous token; with both weights positive this is the paper's
+    alpha1 > alpha2 rule.
     """
     heads = []
     for layer, (kw, vw) in model.kv_shift_weights().items():
@@ -26,8 +29,8 @@ def shift_table(model) -> dict:
     table = {"key_current/value_current": 0, "key_current/value_previous": 0,
              "key_previous/value_current": 0, "key_previous/value_previous": 0}
     for r in heads:
-        k = "key_current" if r["alpha1"] > r["alpha2"] else "key_previous"
-        v = "value_current" if r["beta1"] > r["beta2"] else "value_previous"
+        k = "key_current" if abs(r["alpha1"]) > abs(r["alpha2"]) else "key_previous"
+        v = "value_current" if abs(r["beta1"]) > abs(r["beta2"]) else "value_previous"
         table[f"{k}/{v}"] += 1
     n = len(heads)
     off_line = sum(abs(r["alpha1"] + r["alpha2"] - 1) > 0.05 or abs(r["beta1"] + r["beta2"] - 1) > 0.05

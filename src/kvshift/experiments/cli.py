@@ -27,9 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--full", dest="quick", action="store_false", help="paper-scale settings (for a GPU)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per model (default 3)")
     parser.add_argument("--out", default="results", help="output folder; each experiment writes OUT/<name>/")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="override the training steps of the trained experiments (smoke tests)")
 
 
-def run_experiment(name: str, *, quick: bool = True, seeds: int = 3, out: str | Path = "results") -> dict:
+def run_experiment(name: str, *, quick: bool = True, seeds: int = 3, out: str | Path = "results",
+                   steps: int | None = None) -> dict:
     """Run one experiment by name; returns its results payload."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)} or 'all'")
@@ -40,14 +43,15 @@ def run_experiment(name: str, *, quick: bool = True, seeds: int = 3, out: str | 
         from .tasks import EXPECTED_FULL_TIME
 
         print(f"[{name}] --full: expected time {EXPECTED_FULL_TIME.get(name, 'a few minutes')}", file=sys.stderr)
-    return getattr(importlib.import_module(module), fn)(quick=quick, seeds=seeds, out_dir=Path(out) / name)
+    kwargs = {"steps": steps} if steps is not None and module.endswith(".tasks") else {}
+    return getattr(importlib.import_module(module), fn)(quick=quick, seeds=seeds, out_dir=Path(out) / name, **kwargs)
 
 
 def run(args: argparse.Namespace) -> int:
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     for name in names:
         t0 = time.perf_counter()
-        run_experiment(name, quick=args.quick, seeds=args.seeds, out=args.out)
+        run_experiment(name, quick=args.quick, seeds=args.seeds, out=args.out, steps=args.steps)
         out_dir = Path(args.out) / name
         print((out_dir / "results.md").read_text())
         print(f"[{name}] done in {time.perf_counter() - t0:.0f} s; wrote {out_dir}/results.json, results.md, "

@@ -24,13 +24,23 @@ EXPECTED_FULL_TIME = {
     "hopk": "about 6-10 h on one GPU (5 depths x 2 variants x 3 seeds, 100k steps each)",
 }
 
+def _steps(run: RunSpec, steps: int | None) -> RunSpec:
+    """``run`` with ``steps`` training steps (smoke tests); evaluation every tenth of the run."""
+    if steps is None:
+        return run
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return RunSpec(**{**asdict(run), "steps": steps, "eval_every": max(1, steps // 10),
+                      "warmup_steps": min(run.warmup_steps, steps)})
+
+
 def _config(name, quick, seeds, task, specs, run, lr_grid, extra=None):
     return {"experiment": name, "mode": "quick" if quick else "full", "seeds": seeds, "task": repr(task),
             "models": [asdict(s) for s in specs], "run": asdict(run), "lr_grid": lr_grid,
             "lr_protocol": "per model, the grid LR with the best seed-0 final metric; seeds 1.. reuse it",
             **(extra or {})}
 
-def run_induction(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results/induction") -> dict:
+def run_induction(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results/induction", steps: int | None = None) -> dict:
     """Fig. 1a: 1/2/4-layer vanilla vs 1-layer KV shifting on the toy induction task."""
     if quick:
         task = InductionTask(vocab_size=128, seq_len=64, pool_size=32, reserved=11, seed=0)
@@ -49,12 +59,13 @@ def run_induction(quick: bool = True, seeds: int = 3, out_dir: str | Path = "res
              "seed got there",
              "paper claim (Fig. 1a): 1-layer KV shifting reaches near-perfect accuracy, faster than 2-layer vanilla; "
              "1-layer vanilla fails; 4-layer vanilla is not faster than 2-layer"]
+    run = _steps(run, steps)
     return run_task_experiment(
         "induction", task, specs, run, induction_accuracy, "induction accuracy", seeds=seeds, lr_grid=lr_grid,
         out_dir=out_dir, eval_size=eval_size, config=_config("induction", quick, seeds, task, specs, run, lr_grid),
         head_vocab=(task.reserved, task.vocab_size), notes=notes)
 
-def run_induction_width(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results/induction-width") -> dict:
+def run_induction_width(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results/induction-width", steps: int | None = None) -> dict:
     """Fig. 1b: hidden size 8, 1-layer KV shifting vs 2-layer vanilla."""
     if quick:
         task = InductionTask(vocab_size=128, seq_len=64, pool_size=32, reserved=11, seed=0)
@@ -67,13 +78,14 @@ def run_induction_width(quick: bool = True, seeds: int = 3, out_dir: str | Path 
     notes = ["hidden size 8, one head of width 8, FFN 32",
              "paper claim (Fig. 1b): 1-layer KV shifting, with half the parameters, learns well; "
              "2-layer vanilla learns very poorly"]
+    run = _steps(run, steps)
     return run_task_experiment(
         "induction-width", task, specs, run, induction_accuracy, "induction accuracy", seeds=seeds,
         lr_grid=lr_grid, out_dir=out_dir, eval_size=eval_size,
         config=_config("induction-width", quick, seeds, task, specs, run, lr_grid),
         head_vocab=(task.reserved, task.vocab_size), notes=notes, threshold=0.5)
 
-def run_ngram(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results/ngram") -> dict:
+def run_ngram(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results/ngram", steps: int | None = None) -> dict:
     """Fig. 3: 3-gram lookup at three model sizes, KV shifting vs vanilla; expected: no difference."""
     task = NGramTask(vocab_size=64, num_pairs=200, seq_len=48, seed=0)
     sizes = [("XS", 1, 8, 1), ("S", 2, 32, 2), ("M", 4, 64, 4)] if quick else \
@@ -84,6 +96,7 @@ def run_ngram(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results
     for size, layers, hidden, heads in sizes:
         specs += [ModelSpec(f"vanilla-{size}", layers, False, hidden, heads),
                   ModelSpec(f"kvshift-{size}", layers, True, hidden, heads)]
+    run = _steps(run, steps)
     payload = run_task_experiment(
         "ngram", task, specs, run, ngram_accuracy, "x3 accuracy", seeds=seeds, lr_grid=lr_grid,
         out_dir=out_dir, eval_size=1000, config=_config("ngram", quick, seeds, task, specs, run, lr_grid),
@@ -108,7 +121,7 @@ def _hopk_eval(task, eval_batch):
 def _hop_metric(logits, batch):
     return masked_accuracy(logits, batch["labels"], batch["eval_mask"])
 
-def run_hopk(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results/hopk") -> dict:
+def run_hopk(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results/hopk", steps: int | None = None) -> dict:
     """App. H / Fig. 9: hop-k error rate against k for several depths, vanilla vs KV shifting."""
     if quick:
         task = HopKTask(num_chars=4, seq_len=32, max_k=4, seed=0)
@@ -121,6 +134,7 @@ def run_hopk(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results/
     specs = []
     for d in depths:
         specs += [ModelSpec(f"vanilla-{d}L", d, False, hidden, heads), ModelSpec(f"kvshift-{d}L", d, True, hidden, heads)]
+    run = _steps(run, steps)
     eval_batch = task.sample(500, 987_654)
     out = Path(out_dir)
     payload = run_task_experiment(

@@ -1,9 +1,13 @@
-"""The public ``kv_shift`` op: dispatches to the fused Triton kernel on CUDA, to the reference elsewhere."""
+"""The public ``kv_shift`` op: the fused Triton kernel on CUDA, a lean eager-PyTorch path elsewhere.
+
+``kv_shift_ref`` (reference.py) is the literal definition every path is tested against.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from .fused_torch import kv_shift_fused_torch
 from .reference import kv_shift_ref, validate_kv_shift_args
 
 __all__ = ["kv_shift", "kv_shift_ref"]
@@ -40,13 +44,14 @@ def kv_shift(
         prev: ``[B, H, D]`` raw (unshifted) previous token, the predecessor of position 0
             (decode, chunked prefill); zero when None.
         reset_mask: ``[B, T]`` bool, True where a new document starts (e.g. ``position_ids == 0``).
-        backend: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"reference"`` or ``"triton"``.
+        backend: ``"auto"`` (Triton on CUDA, ``"torch"`` elsewhere), ``"torch"`` (custom-autograd
+            eager PyTorch), ``"reference"`` (the literal definition) or ``"triton"``.
 
     Returns:
         ``[B, T, H, D]`` tensor of ``x``'s dtype. Differentiable in ``x``, ``weight`` and ``prev``.
     """
-    if backend not in ("auto", "reference", "triton"):
-        raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
+    if backend not in ("auto", "torch", "reference", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch', 'reference' or 'triton', got {backend!r}")
     use_triton = backend == "triton" or (backend == "auto" and _triton_available(x))
     if use_triton:
         from .triton import kv_shift_triton
@@ -55,6 +60,11 @@ def kv_shift(
         return kv_shift_triton(
             x, weight, cu_seqlens=cu_seqlens, attention_mask=attention_mask, prev=prev, reset_mask=reset_mask
         )
-    return kv_shift_ref(
+    if backend == "reference":
+        return kv_shift_ref(
+            x, weight, cu_seqlens=cu_seqlens, attention_mask=attention_mask, prev=prev, reset_mask=reset_mask
+        )
+    validate_kv_shift_args(x, weight, cu_seqlens, attention_mask, prev, reset_mask)
+    return kv_shift_fused_torch(
         x, weight, cu_seqlens=cu_seqlens, attention_mask=attention_mask, prev=prev, reset_mask=reset_mask
     )

@@ -1,0 +1,91 @@
+"""`kvshift reproduce` end to end (tiny step counts), result files and fields, and the analysis helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from kvshift.cli import main
+from kvshift.eval.heads import attention_maps, head_scores, repeated_sequence_loss, shift_table
+from kvshift.train.compare import paired_stats
+
+ROW_FIELDS = {"model": str, "layers": int, "kv_shift": bool, "metric": str, "mean": float, "std": float, "seeds": int}
+
+
+def _check_outputs(folder, name):
+    for f in ("results.json", "results.md", "config.json"):
+        assert (folder / f).exists(), f
+    assert list(folder.glob("*.png")), "no plot written"
+    payload = json.loads((folder / "results.json").read_text())
+    assert payload["experiment"] == name and payload["rows"]
+    for row in payload["rows"]:
+        for field, typ in ROW_FIELDS.items():
+            assert isinstance(row[field], typ) or (typ is float and isinstance(row[field], int)), (field, row)
+    json.loads((folder / "config.json").read_text())
+    return payload
+
+
+@pytest.mark.parametrize("name", ["induction", "induction-width", "ngram", "hopk"])
+def test_reproduce_tiny_run_writes_all_files(tmp_path, name, capsys):
+    assert main(["reproduce", name, "--steps", "2", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    payload = _check_outputs(tmp_path / name, name)
+    assert "| model |" in capsys.readouterr().out
+    models = {r["model"] for r in payload["rows"]}
+    if name == "induction":
+        assert models == {"vanilla-1L", "vanilla-2L", "vanilla-4L", "kvshift-1L"}
+        assert payload["rows"][0]["seeds"] == 1
+
+
+@pytest.mark.parametrize("name", ["theorem2", "theorem3"])
+def test_reproduce_theorems_write_all_files(tmp_path, name):
+    assert main(["reproduce", name, "--seeds", "1", "--out", str(tmp_path)]) == 0
+    _check_outputs(tmp_path / name, name)
+
+
+def test_reproduce_rejects_bad_input(tmp_path):
+    assert main(["reproduce", "induction", "--seeds", "0", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit):
+        main(["reproduce", "nope"])
+
+
+def test_shift_table_counts_by_magnitude():
+    m = tiny_model(num_hidden_layers=1, num_key_value_heads=4, num_attention_heads=4)
+    with torch.no_grad():
+        attn = m.model.layers[0].self_attn
+        attn.k_shift.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, -1.0], [0.9, 0.2]]))
+        attn.v_shift.copy_(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.3, 0.7]]))
+    t = shift_table(m)
+    assert t["table"] == {"key_current/value_current": 1, "key_previous/value_current": 1,
+                          "key_previous/value_previous": 1, "key_current/value_previous": 1}
+    assert t["with_negative_weight"] == 1 and t["off_convex_line"] == 2 and t["diagonal"] == 2
+
+
+def test_attention_maps_are_causal_distributions():
+    m = tiny_model()
+    maps = attention_maps(m, torch.randint(3, 97, (2, 9)))
+    assert len(maps) == 2
+    for a in maps:
+        assert torch.allclose(a.sum(-1), torch.ones(2, 4, 9), atol=1e-5)
+        assert torch.all(a.triu(1) == 0)
+
+
+def test_head_scores_and_copy_probe_ranges():
+    m = tiny_model()
+    rows = head_scores(m, 97, half_len=8, batch=2)
+    assert len(rows) == 2 * 4
+    assert all(0 <= r["previous_token_score"] <= 1 and 0 <= r["induction_score"] <= 1 for r in rows)
+    probe = repeated_sequence_loss(m, 97, half_len=8, batch=2)
+    assert all(torch.isfinite(torch.tensor(v)) for v in probe.values())
+
+
+def test_paired_stats():
+    s = paired_stats([3.0, 3.1, 3.2, 3.3], [2.9, 3.0, 3.1, 3.25])
+    assert s["mean_diff"] == pytest.approx(-0.0875)
+    assert s["kvshift_better_in"] == 4
+    assert s["p_value_permutation"] == pytest.approx(2 / 16)
+    assert 0 < s["p_value_t"] < 0.05
+    with pytest.raises(ValueError):
+        paired_stats([1.0], [])
