@@ -116,6 +116,7 @@ def write_results(
     rows: Sequence[dict[str, Any]],
     config: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    columns: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Write ``results.json``, ``results.md`` and ``config.json`` into ``out_dir``; return the payload.
 
@@ -140,7 +141,7 @@ def write_results(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / "config.json", json.dumps(_jsonable(config), indent=2, allow_nan=False) + "\n")
-    md = [f"# {name}", "", markdown_table(rows)]
+    md = [f"# {name}", "", markdown_table(rows, columns)]
     notes = extra.get("notes")
     if notes:
         md.append("")

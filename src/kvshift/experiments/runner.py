@@ -81,8 +81,12 @@ def run_task_experiment(
                 analysis[spec.name] = {"head_scores": head_scores(model, head_vocab[1], low=head_vocab[0])}
             for r in results:
                 runs.append({k: v for k, v in r.items() if k != "model_obj"})
+    from .common import ROW_COLUMNS
+
+    columns = [*ROW_COLUMNS, "lr", *(c for c in rows[0] if c.startswith("steps_to_") or c == "runs_reaching"),
+               "params"]
     payload = write_results(out, name, rows, config,
-                            extra={"runs": runs, "analysis": analysis, "notes": notes or []})
+                            extra={"runs": runs, "analysis": analysis, "notes": notes or []}, columns=columns)
     _plot_curves(out / "curves.png", name, runs, metric_name)
     md = (out / "results.md").read_text()
     md += "\n" + analysis_markdown(analysis)

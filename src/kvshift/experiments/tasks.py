@@ -10,7 +10,7 @@ import torch
 from ..tasks.hopk import HopKTask, error_rate_by_k
 from ..tasks.induction import InductionTask, induction_accuracy, masked_accuracy
 from ..tasks.ngram import NGramTask, ngram_accuracy
-from .common import get_pyplot, mean_std, save_figure
+from .common import atomic_write_text, get_pyplot, mean_std, save_figure
 from .runner import run_task_experiment
 from .synthetic import ModelSpec, RunSpec
 
@@ -145,6 +145,13 @@ def run_hopk(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results/
         notes=["metric: per-token accuracy over all k; error_by_k in results.json and hopk_error.png",
                "paper claim (Fig. 9): at depth 5 vanilla's error jumps past k = 8 while KV shifting stays low to k = 16",
                "quick mode: k <= 4, 32 characters, depths 1-2, 600 steps (far from the paper's 100k steps)"])
+    ks = sorted({int(k) for row in payload["rows"] for k in row["error_by_k"]})
+    lines = ["", "## Error rate by hop count k (mean over seeds)", "",
+             "| model | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for row in payload["rows"]:
+        errs = {int(k): v for k, v in row["error_by_k"].items()}
+        lines.append(f"| {row['model']} | " + " | ".join(f"{errs[k]:.3f}" for k in ks) + " |")
+    atomic_write_text(out / "results.md", (out / "results.md").read_text() + "\n".join(lines) + "\n")
     plt = get_pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for row in payload["rows"]:

@@ -65,6 +65,9 @@ def compare(recipe: str, seeds: int, out: str | Path, data: str | None = None, o
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     out = Path(out)
+    if (out / "runs").exists() and any((out / "runs").iterdir()):
+        raise FileExistsError(f"{out} already holds comparison runs; choose another --out or remove {out / 'runs'} "
+                              "(nothing was overwritten)")
     variants = {"vanilla": False, "kvshift": True}
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     base = get_recipe(recipe)
