@@ -26,7 +26,6 @@ The shift is applied with :func:`kvshift.ops.kv_shift.kv_shift_ref`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from collections.abc import Sequence
@@ -409,17 +408,3 @@ def run_theorem2(
     if verbose:
         print(md)
     return {**payload, "markdown": md, "out_dir": str(out)}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m kvshift.experiments.theorem2 [--quick] [--seeds N] [--out DIR]``."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--out", default="runs/theorem2")
-    a = p.parse_args(argv)
-    run_theorem2(quick=a.quick, seeds=a.seeds, out_dir=a.out, verbose=True)
-
-
-if __name__ == "__main__":
-    main()

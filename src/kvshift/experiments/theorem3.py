@@ -18,7 +18,6 @@ Gradient-flow paths do not depend on a constant time scale, so each O(T) uses a 
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
@@ -238,17 +237,3 @@ def run_theorem3(
     if verbose:
         print(md)
     return {**payload, "markdown": md, "out_dir": str(out)}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m kvshift.experiments.theorem3 [--quick] [--seeds N] [--out DIR]``."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--out", default="runs/theorem3")
-    a = p.parse_args(argv)
-    run_theorem3(quick=a.quick, seeds=a.seeds, out_dir=a.out, verbose=True)
-
-
-if __name__ == "__main__":
-    main()
