@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -13,7 +13,7 @@ from ..eval.heads import head_scores, shift_table
 from .common import get_pyplot, mean_std, save_figure, write_results
 from .synthetic import ModelSpec, RunSpec, steps_to_reach, train_on_task
 
-__all__ = ["run_task_experiment"]
+__all__ = ["run_task_experiment", "analysis_markdown"]
 
 
 def _pick_lr(task, spec, run, metric, eval_batch, lr_grid, bar) -> tuple[float, dict]:
@@ -144,10 +144,3 @@ def _plot_curves(path: Path, name: str, runs: list[dict], metric_name: str) -> N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)
-
-
-def spec_dict(specs: list[ModelSpec]) -> list[dict]:
-    return [asdict(s) for s in specs]
-
-
-__all__ += ["spec_dict", "analysis_markdown", "RunSpec", "ModelSpec"]

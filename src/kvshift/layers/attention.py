@@ -81,7 +81,9 @@ class KVShiftAttention(nn.Module):
         cache=None,
         pad_mask: torch.Tensor | None = None,
         reset_mask: torch.Tensor | None = None,
+        shift_state=None,
     ) -> torch.Tensor:
+        """``shift_state``: this layer's decode state (raw previous k/v) when a cache is used."""
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)  # [B, T, H, D]
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
@@ -90,13 +92,8 @@ class KVShiftAttention(nn.Module):
         q = apply_rope(q, cos, sin)
         if self.use_kv_shift:
             k_w, v_w = self.shift_weights()
-            state = None
-            prev_k = prev_v = None
-            if cache is not None:
-                from ..models.cache import kv_shift_layer_state
-
-                state = kv_shift_layer_state(cache, self.layer_idx)
-                prev_k, prev_v = state.shift_prev()
+            state = shift_state
+            prev_k, prev_v = state.shift_prev() if state is not None else (None, None)
             if self.shift_position == "post_rope":
                 k = apply_rope(k, cos, sin)
             # the raw (pre-shift) rows are the next chunk's predecessors

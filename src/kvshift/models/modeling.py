@@ -14,6 +14,7 @@ from ..layers.block import DecoderLayer
 from ..layers.norm import RMSNorm
 from ..ops.kv_shift.reference import validate_kv_shift_args
 from ..ops.rope import rope_cos_sin, rope_inv_freq
+from .cache import kv_shift_layer_state
 from .configuration import KVShiftConfig
 
 __all__ = ["KVShiftPreTrainedModel", "KVShiftModel", "KVShiftForCausalLM", "position_ids_from_cu_seqlens"]
@@ -179,10 +180,11 @@ class KVShiftModel(KVShiftPreTrainedModel):
         hidden = inputs_embeds
         position_embeddings = rope_cos_sin(position_ids, self.inv_freq, hidden.dtype)
         all_hidden = [] if output_hidden_states else None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if all_hidden is not None:
                 all_hidden.append(hidden)
-            hidden = layer(hidden, position_embeddings, causal_mask, cache, pad_mask, reset_mask)
+            state = kv_shift_layer_state(cache, i) if cache is not None and layer.self_attn.use_kv_shift else None
+            hidden = layer(hidden, position_embeddings, causal_mask, cache, pad_mask, reset_mask, state)
         hidden = self.norm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
