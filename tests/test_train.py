@@ -197,3 +197,9 @@ def test_compare_tiny_writes_stats_and_plot(tmp_path):
     # same seed, same data order: the two variants start from the same initial loss up to the shift
     v0, k0 = payload["runs"]["vanilla"][0], payload["runs"]["kvshift"][0]
     assert v0["tokens"] == k0["tokens"]
+
+
+def test_gradient_accumulation_equals_larger_batch(tmp_path):
+    big = train(tiny(steps=3, **{"data.batch_size": 4}), tmp_path / "big")["losses"]
+    acc = train(tiny(steps=3, **{"data.batch_size": 2, "data.grad_accum": 2}), tmp_path / "acc")["losses"]
+    assert max(abs(a - b) for a, b in zip(big, acc)) < 1e-5
