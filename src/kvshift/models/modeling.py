@@ -12,7 +12,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ..layers.attention import KVShiftAttention, init_shift_weight
 from ..layers.block import DecoderLayer
 from ..layers.norm import RMSNorm
-from ..ops.kv_shift.reference import validate_kv_shift_args
+from ..ops.kv_shift.reference import validate_cu_seqlens
 from ..ops.rope import rope_cos_sin, rope_inv_freq
 from .cache import kv_shift_layer_state
 from .configuration import KVShiftConfig
@@ -145,8 +145,7 @@ class KVShiftModel(KVShiftPreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
 
         if cu_seqlens is not None:
-            validate_kv_shift_args(inputs_embeds.new_empty(B, T, 1, 0), inputs_embeds.new_empty(1, 2),
-                                   cu_seqlens=cu_seqlens)
+            validate_cu_seqlens(cu_seqlens, B, T)
             if position_ids is None:
                 position_ids = position_ids_from_cu_seqlens(cu_seqlens.to(inputs_embeds.device), T)
         if position_ids is None:

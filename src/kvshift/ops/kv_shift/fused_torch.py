@@ -21,18 +21,23 @@ def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return torch.where(keep[..., None, None], t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
+def _shift_forward(x, weight, prev, keep):
+    """``w0 * x`` written once, ``w1 * x_{t-1}`` (and ``w1 * prev`` at t = 0) accumulated in place."""
+    H = x.shape[2]
+    w0, w1 = weight[:, 0].view(1, 1, H, 1), weight[:, 1].view(1, 1, H, 1)
+    y = x * w0
+    if x.shape[1] > 1:
+        y[:, 1:].addcmul_(_masked(x[:, :-1], None if keep is None else keep[:, 1:]), w1)
+    if prev is not None:
+        y[:, 0].addcmul_(_masked(prev[:, None], None if keep is None else keep[:, :1])[:, 0], w1[:, 0])
+    return y
+
+
 class KVShiftTorchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, prev, keep):
-        H = x.shape[2]
-        w0, w1 = weight[:, 0].view(1, 1, H, 1), weight[:, 1].view(1, 1, H, 1)
-        y = x * w0
-        if x.shape[1] > 1:
-            y[:, 1:].addcmul_(_masked(x[:, :-1], None if keep is None else keep[:, 1:]), w1)
-        if prev is not None:
-            y[:, 0].addcmul_(_masked(prev[:, None], None if keep is None else keep[:, :1])[:, 0], w1[:, 0])
         ctx.save_for_backward(x, weight, prev, keep)
-        return y
+        return _shift_forward(x, weight, prev, keep)
 
     @staticmethod
     def backward(ctx, g):
@@ -72,18 +77,10 @@ def kv_shift_fused_torch(
     cdt = torch.promote_types(x.dtype, weight.dtype)
     keep = previous_token_keep_mask(B, T, x.device, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
                                     has_prev=True, reset_mask=reset_mask)
+    xc, wc, pc = x.to(cdt), weight.to(cdt), None if prev is None else prev.to(cdt)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (prev is not None and prev.requires_grad))
-    if not needs_grad and keep is None and cdt == x.dtype:
-        # inference fast path (decode steps): two or three kernels, no autograd bookkeeping
-        w = weight.to(cdt)
-        w0, w1 = w[:, 0].view(1, 1, H, 1), w[:, 1].view(1, 1, H, 1)
-        y = x * w0
-        if T > 1:
-            y[:, 1:].addcmul_(x[:, :-1], w1)
-        if prev is not None:
-            y[:, 0].addcmul_(prev.to(cdt), w1[:, 0])
-        return y
+    if not needs_grad:  # inference (decode steps): no autograd bookkeeping
+        return _shift_forward(xc, wc, pc, keep).to(x.dtype)
     # position 0 reads prev (when given) unless a reset or the mask says otherwise; without prev it is 0
-    y = KVShiftTorchFunction.apply(x.to(cdt), weight.to(cdt), None if prev is None else prev.to(cdt), keep)
-    return y.to(x.dtype)
+    return KVShiftTorchFunction.apply(xc, wc, pc, keep).to(x.dtype)

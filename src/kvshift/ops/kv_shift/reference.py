@@ -11,11 +11,30 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kv_shift_ref", "validate_kv_shift_args", "previous_token_keep_mask"]
+__all__ = ["kv_shift_ref", "validate_kv_shift_args", "validate_cu_seqlens", "previous_token_keep_mask"]
 
 
 def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def validate_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int) -> None:
+    """Raise ``ValueError`` unless ``cu_seqlens`` is ``[0, ..., T]``, strictly increasing, for ``B == 1``."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+        raise ValueError("cu_seqlens must be a 1-D integer tensor of document offsets [N+1]")
+    if cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool:
+        raise ValueError(f"cu_seqlens must be an integer tensor, got dtype {cu_seqlens.dtype}")
+    if B != 1:
+        raise ValueError(f"cu_seqlens describes one packed row: x must have B == 1, got B = {B}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold at least 2 offsets [0, ..., T], got {cu_seqlens.tolist()}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
+    if cu[-1] != T:
+        raise ValueError(f"cu_seqlens must end at T = x.shape[1] = {T}, got {cu[-1]}")
+    if any(b <= a for a, b in zip(cu[:-1], cu[1:])):
+        raise ValueError(f"cu_seqlens must be strictly increasing, got {cu}")
 
 
 def validate_kv_shift_args(
@@ -38,21 +57,7 @@ def validate_kv_shift_args(
         got = _shape(weight) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must have shape [H, 2] = [{H}, 2] (H = x.shape[2]), got {got}")
     if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
-            raise ValueError("cu_seqlens must be a 1-D integer tensor of document offsets [N+1]")
-        if cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool:
-            raise ValueError(f"cu_seqlens must be an integer tensor, got dtype {cu_seqlens.dtype}")
-        if B != 1:
-            raise ValueError(f"cu_seqlens describes one packed row: x must have B == 1, got B = {B}")
-        if cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must hold at least 2 offsets [0, ..., T], got {cu_seqlens.tolist()}")
-        cu = cu_seqlens.tolist()
-        if cu[0] != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
-        if cu[-1] != T:
-            raise ValueError(f"cu_seqlens must end at T = x.shape[1] = {T}, got {cu[-1]}")
-        if any(b <= a for a, b in zip(cu[:-1], cu[1:])):
-            raise ValueError(f"cu_seqlens must be strictly increasing, got {cu}")
+        validate_cu_seqlens(cu_seqlens, B, T)
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, T):
             got = _shape(attention_mask) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
