@@ -14,7 +14,7 @@ import torch
 from kvshift.train import checkpoint as ckpt_mod
 from kvshift.train.config import TrainConfig, apply_overrides
 from kvshift.train.loop import TrainingDiverged, train
-from kvshift.train.optim import lr_factor, param_groups
+from kvshift.train.optim import build_optimizer, lr_factor, param_groups
 from kvshift.train.recipes import get_recipe
 
 
@@ -40,8 +40,32 @@ def test_overrides_parse_types_and_reject_unknown():
         apply_overrides(get_recipe("tiny"), ["steps"])
     with pytest.raises(ValueError, match="optim.schedule"):
         apply_overrides(get_recipe("tiny"), ["optim.schedule=linear"])
+    with pytest.raises(ValueError, match="optim.implementation"):
+        apply_overrides(get_recipe("tiny"), ["optim.implementation=turbo"])
     with pytest.raises(ValueError, match="unknown recipe"):
         get_recipe("huge")
+
+
+@pytest.mark.parametrize("implementation", ["auto", "loop"])
+def test_optimizer_implementation_does_not_change_the_update(implementation):
+    """The default (fused) AdamW takes the same step as PyTorch's reference for-loop AdamW."""
+    from kvshift.train.loop import build_model_for_data
+
+    cfg = tiny()
+    steps = {}
+    for impl in ("loop", implementation):
+        torch.manual_seed(0)
+        model = build_model_for_data(cfg, 257, 256)
+        cfg.optim.implementation = impl
+        opt = build_optimizer(model, cfg.optim)
+        x = torch.randint(0, 257, (2, 16))
+        for _ in range(3):
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        steps[impl] = (opt, torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert steps[implementation][0].defaults["fused"] is (True if implementation == "auto" else None)
+    torch.testing.assert_close(steps[implementation][1], steps["loop"][1], atol=1e-6, rtol=1e-5)
 
 
 def test_schedules():

@@ -90,7 +90,7 @@ def bench_train_step(spec: dict, device: torch.device, dtype: torch.dtype | None
     x = torch.randint(0, spec["vocab_size"], (B, T), device=device)
     fns = {}
     for name, model in models.items():
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         fwd = torch.compile(model) if compile else model
 
         def fn(fwd=fwd, opt=opt):

@@ -60,6 +60,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | wsd | constant
     warmup_steps: int = 100
     decay_frac: float = 0.2  # WSD: fraction of steps spent decaying
+    implementation: str = "auto"  # auto (fused unless FSDP-sharded) | fused | foreach | loop
 
 
 @dataclass
@@ -93,6 +94,7 @@ class TrainConfig:
         choices = {
             "data.source": (self.data.source, ("prepared", "stdlib-bytes")),
             "optim.schedule": (self.optim.schedule, ("cosine", "wsd", "constant")),
+            "optim.implementation": (self.optim.implementation, ("auto", "fused", "foreach", "loop")),
             "distributed.strategy": (self.distributed.strategy, ("none", "ddp", "fsdp")),
             "device": (self.device, ("auto", "cpu", "cuda")),
             "dtype": (self.dtype, ("auto", "float32", "bfloat16")),

@@ -34,11 +34,32 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+IMPLEMENTATIONS = ("auto", "fused", "foreach", "loop")
+
+
+def _implementation_kwargs(params: list[torch.Tensor], implementation: str) -> dict:
+    """AdamW's ``fused`` / ``foreach`` flags. ``auto`` is the fused kernel (one pass over every parameter,
+    CPU and CUDA) unless a parameter is a sharded DTensor (FSDP2), where PyTorch's own default is kept."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"optim.implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "auto":
+        from torch.distributed.tensor import DTensor
+
+        plain = all(not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                    for p in params)
+        return {"fused": True} if plain else {}
+    if implementation == "fused":
+        return {"fused": True}
+    return {"foreach": implementation == "foreach"}
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     groups = param_groups(model, cfg)
     for g in groups:
         g["lr"] = cfg.lr * g["lr_mult"]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    params = [p for g in groups for p in g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             **_implementation_kwargs(params, cfg.implementation))
 
 
 def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:

@@ -1,0 +1,430 @@
+"""Fused Triton KV shift + optional RoPE + ``[B, T, H, D] -> [B, H, T, D]`` layout change.
+
+One pass over memory instead of three (shift, RoPE, transpose for SDPA), forward and backward,
+registered as ``torch.library`` custom ops so that ``torch.compile(fullgraph=True)`` traces them.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import validate_kv_shift_args
+from .triton import _device_ctx, _keep_u8
+
+__all__ = ["kv_shift_rope_triton"]
+
+# Elements one program touches per tensor (rows x padded head dim). Half the plain shift's tile:
+# with RoPE a program keeps several more tiles live (rotate-half partners, cos, sin).
+_MAX_TILE = 2048
+
+
+@triton.jit
+def _load_x_and_pred(
+    X, KEEP, PREV, rows, cols, row_ok, col_ok, t, b, h, H, D,
+    HAS_KEEP: tl.constexpr, HAS_PREV: tl.constexpr,
+):  # fmt: skip
+    """fp32 tiles ``(x, x_prev)`` of head ``h`` at ``rows x cols``; ``x_prev`` is the predecessor
+    exactly as the shift reads it (``prev`` at t == 0, zero there without it, zero where not kept)."""
+    row_stride = H * D
+    offs = rows[:, None] * row_stride + h * D + cols[None, :]
+    x = tl.load(X + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    # t == 0 never reads the row above it: that row belongs to the previous batch element.
+    has_pred = row_ok & (t > 0)
+    xp = tl.load(X + offs - row_stride, mask=has_pred[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    if HAS_PREV:
+        first = row_ok & (t == 0)
+        p_offs = b[:, None] * row_stride + h * D + cols[None, :]
+        xp += tl.load(PREV + p_offs, mask=first[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    if HAS_KEEP:
+        keep = tl.load(KEEP + rows, mask=row_ok, other=0) != 0
+        xp = tl.where(keep[:, None], xp, 0.0)  # where, not a multiply: a NaN must not leak
+    return x, xp
+
+
+@triton.jit
+def _load_grad_shifted(
+    G, COS, SIN, g_row, cos_row, sin_row, cols, pcols, lo, m, stride_cd, stride_sd,
+    HAS_ROPE: tl.constexpr,
+):  # fmt: skip
+    """fp32 gradient w.r.t. the shifted (pre-RoPE) tile, from the output gradient at ``g_row``.
+
+    With ``y = s * cos + rotate_half(s) * sin``: ``ds = g * cos + rotate_half^T(g * sin)``, where
+    ``rotate_half^T(u) = cat(u2, -u1)`` reads the partner columns ``pcols``.
+    """
+    g = tl.load(G + g_row[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    if HAS_ROPE:
+        cos = tl.load(COS + cos_row[:, None] + cols[None, :] * stride_cd, mask=m, other=0.0).to(tl.float32)
+        g_p = tl.load(G + g_row[:, None] + pcols[None, :], mask=m, other=0.0).to(tl.float32)
+        sin_p = tl.load(SIN + sin_row[:, None] + pcols[None, :] * stride_sd, mask=m, other=0.0).to(tl.float32)
+        u = g_p * sin_p
+        g = g * cos + tl.where(lo[None, :], u, -u)
+    return g
+
+
+@triton.jit
+def _kv_shift_rope_fwd_kernel(
+    X,  # [B, T, H, D] contiguous
+    W,  # [H, 2]: (current, previous)
+    COS,  # [B, T, D] (any strides), read only when HAS_ROPE
+    SIN,  # [B, T, D] (any strides), read only when HAS_ROPE
+    KEEP,  # [B, T] uint8 (bool storage), read only when HAS_KEEP
+    PREV,  # [B, H, D] contiguous, read only when HAS_PREV
+    Y,  # [B, H, T, D] contiguous
+    N,  # B * T
+    T,
+    H,
+    D,
+    stride_wh,
+    stride_wc,
+    stride_cb,
+    stride_ct,
+    stride_cd,
+    stride_sb,
+    stride_st,
+    stride_sd,
+    HAS_ROPE: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = (pid_n * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # flattened b * T + t
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    col_ok = cols < D
+    m = row_ok[:, None] & col_ok[None, :]
+    t = rows % T
+    b = rows // T
+
+    w0 = tl.load(W + h * stride_wh).to(tl.float32)
+    w1 = tl.load(W + h * stride_wh + stride_wc).to(tl.float32)
+
+    x, xp = _load_x_and_pred(X, KEEP, PREV, rows, cols, row_ok, col_ok, t, b, h, H, D, HAS_KEEP, HAS_PREV)
+    y = w0 * x + w1 * xp
+    if HAS_ROPE:
+        # rotate_half(s) = cat(-s2, s1): column c reads the shifted value at its partner column.
+        half = D // 2
+        lo = cols < half
+        pcols = tl.where(lo, cols + half, cols - half)
+        x_p, xp_p = _load_x_and_pred(
+            X, KEEP, PREV, rows, pcols, row_ok, col_ok, t, b, h, H, D, HAS_KEEP, HAS_PREV
+        )
+        s_p = w0 * x_p + w1 * xp_p
+        cos = tl.load(
+            COS + (b * stride_cb + t * stride_ct)[:, None] + cols[None, :] * stride_cd, mask=m, other=0.0
+        ).to(tl.float32)
+        sin = tl.load(
+            SIN + (b * stride_sb + t * stride_st)[:, None] + cols[None, :] * stride_sd, mask=m, other=0.0
+        ).to(tl.float32)
+        y = y * cos + tl.where(lo[None, :], -s_p, s_p) * sin
+    y_offs = ((b * H + h) * T + t)[:, None] * D + cols[None, :]
+    tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _kv_shift_rope_bwd_kernel(
+    G,  # [B, H, T, D] contiguous grad of y
+    X,  # [B, T, H, D] contiguous
+    W,  # [H, 2]
+    COS,  # [B, T, D], read only when HAS_ROPE
+    SIN,  # [B, T, D], read only when HAS_ROPE
+    KEEP,  # [B, T] uint8, read only when HAS_KEEP
+    PREV,  # [B, H, D], read only when HAS_PREV
+    GX,  # [B, T, H, D] grad of x
+    GPREV,  # [B, H, D] grad of prev, written only when HAS_PREV
+    GW_PART,  # [num_row_blocks, H, 2] fp32 per-program partial sums of grad weight
+    N,
+    T,
+    H,
+    D,
+    stride_wh,
+    stride_wc,
+    stride_cb,
+    stride_ct,
+    stride_cd,
+    stride_sb,
+    stride_st,
+    stride_sd,
+    HAS_ROPE: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = (pid_n * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    col_ok = cols < D
+    m = row_ok[:, None] & col_ok[None, :]
+    t = rows % T
+    b = rows // T
+    half = D // 2
+    lo = cols < half
+    pcols = tl.where(lo, cols + half, cols - half)  # rotate-half partners, read only when HAS_ROPE
+
+    w0 = tl.load(W + h * stride_wh).to(tl.float32)
+    w1 = tl.load(W + h * stride_wh + stride_wc).to(tl.float32)
+
+    # Gradient w.r.t. the shifted tile at t and at t + 1 (RoPE undone first).
+    g_row = ((b * H + h) * T + t) * D
+    cos_row = b * stride_cb + t * stride_ct
+    sin_row = b * stride_sb + t * stride_st
+    ds = _load_grad_shifted(
+        G, COS, SIN, g_row, cos_row, sin_row, cols, pcols, lo, m, stride_cd, stride_sd, HAS_ROPE
+    )
+    has_next = row_ok & (t < T - 1)  # the last token of a row has no successor
+    ds_next = _load_grad_shifted(
+        G, COS, SIN, g_row + D, cos_row + stride_ct, sin_row + stride_st, cols, pcols, lo,
+        has_next[:, None] & col_ok[None, :], stride_cd, stride_sd, HAS_ROPE,
+    )  # fmt: skip
+    if HAS_KEEP:
+        keep_next = tl.load(KEEP + rows + 1, mask=has_next, other=0) != 0
+        ds_next = tl.where(keep_next[:, None], ds_next, 0.0)
+    # grad_x[t] = w0 * ds[t] + w1 * ds[t+1] * keep[t+1]
+    gx = w0 * ds + w1 * ds_next
+    x_offs = rows[:, None] * (H * D) + h * D + cols[None, :]
+    tl.store(GX + x_offs, gx.to(GX.dtype.element_ty), mask=m)
+
+    # Rebuild the predecessor exactly as the forward did, for grad_weight[h, 1].
+    x, xp = _load_x_and_pred(X, KEEP, PREV, rows, cols, row_ok, col_ok, t, b, h, H, D, HAS_KEEP, HAS_PREV)
+    if HAS_PREV:
+        # grad_prev[b] = w1 * ds[b, 0] * keep[b, 0], written by the program holding t == 0.
+        if HAS_KEEP:
+            keep = tl.load(KEEP + rows, mask=row_ok, other=0) != 0
+        else:
+            keep = row_ok
+        first = row_ok & (t == 0)
+        p_offs = b[:, None] * (H * D) + h * D + cols[None, :]
+        gp = tl.where(keep[:, None], w1 * ds, 0.0)
+        tl.store(GPREV + p_offs, gp.to(GPREV.dtype.element_ty), mask=first[:, None] & col_ok[None, :])
+
+    # Per-program partial sums (summed on the host side in a fixed order: deterministic).
+    part = GW_PART + (pid_n * H + h) * 2
+    tl.store(part, tl.sum(tl.sum(ds * x, axis=1), axis=0))
+    tl.store(part + 1, tl.sum(tl.sum(ds * xp, axis=1), axis=0))
+
+
+def _blocks(N: int, D: int) -> tuple[int, int]:
+    block_d = triton.next_power_of_2(max(D, 1))
+    block_t = max(1, min(triton.next_power_of_2(max(N, 1)), _MAX_TILE // block_d))
+    return block_t, block_d
+
+
+def _rope_args(
+    cos: torch.Tensor | None, sin: torch.Tensor | None, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Kernel arguments for cos/sin: the tensors (``x`` as an unread stand-in) and their strides."""
+    if cos is None or sin is None:
+        return x, x, (0,) * 6
+    return cos, sin, (*cos.stride(), *sin.stride())
+
+
+def _kv_shift_rope_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    prev: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch the forward kernel; returns ``[B, H, T, D]`` contiguous (``out`` when given)."""
+    x = x.contiguous()
+    B, T, H, D = x.shape
+    N = B * T
+    y = x.new_empty((B, H, T, D)) if out is None else out
+    if N == 0 or H == 0 or D == 0:
+        return y
+    cos_t, sin_t, cs_strides = _rope_args(cos, sin, x)
+    prev_c = prev.contiguous() if prev is not None else x
+    block_t, block_d = _blocks(N, D)
+    with _device_ctx(x):
+        _kv_shift_rope_fwd_kernel[(triton.cdiv(N, block_t), H)](
+            x, weight, cos_t, sin_t, _keep_u8(keep, x), prev_c, y,
+            N, T, H, D, weight.stride(0), weight.stride(1), *cs_strides,
+            HAS_ROPE=cos is not None, HAS_KEEP=keep is not None, HAS_PREV=prev is not None,
+            BLOCK_T=block_t, BLOCK_D=block_d,
+        )  # fmt: skip
+    return y
+
+
+def _kv_shift_rope_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    prev: torch.Tensor | None,
+    grad_x: torch.Tensor | None = None,
+    grad_prev: torch.Tensor | None = None,
+    grad_weight_partial: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel; returns ``(grad_x, grad_weight, grad_prev)``.
+
+    ``grad_y`` is ``[B, H, T, D]``; ``grad_prev`` is ``[B, H, D]`` (zeros when ``prev`` is None).
+    The optional buffers let tests pass NaN-filled outputs (``grad_weight_partial``:
+    ``[cdiv(B*T, BLOCK_T), H, 2]`` fp32).
+    """
+    grad_y = grad_y.contiguous()
+    x = x.contiguous()
+    B, T, H, D = x.shape
+    N = B * T
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if grad_x is None else grad_x
+    pdt = prev.dtype if prev is not None else x.dtype
+    if prev is None:
+        gp = torch.zeros(B, H, D, dtype=pdt, device=x.device)
+    else:
+        gp = torch.empty(B, H, D, dtype=pdt, device=x.device) if grad_prev is None else grad_prev
+    if N == 0 or H == 0 or D == 0:
+        gw = torch.zeros(H, 2, dtype=weight.dtype, device=weight.device)
+        return gx.zero_(), gw, gp.zero_()
+    block_t, block_d = _blocks(N, D)
+    n_blocks = triton.cdiv(N, block_t)
+    if grad_weight_partial is None:
+        grad_weight_partial = torch.empty(n_blocks, H, 2, dtype=torch.float32, device=x.device)
+    cos_t, sin_t, cs_strides = _rope_args(cos, sin, x)
+    prev_c = prev.contiguous() if prev is not None else x
+    with _device_ctx(x):
+        _kv_shift_rope_bwd_kernel[(n_blocks, H)](
+            grad_y, x, weight, cos_t, sin_t, _keep_u8(keep, x), prev_c, gx, gp, grad_weight_partial,
+            N, T, H, D, weight.stride(0), weight.stride(1), *cs_strides,
+            HAS_ROPE=cos is not None, HAS_KEEP=keep is not None, HAS_PREV=prev is not None,
+            BLOCK_T=block_t, BLOCK_D=block_d,
+        )  # fmt: skip
+    gw = grad_weight_partial.sum(dim=0).to(weight.dtype)
+    return gx, gw, gp
+
+
+@torch.library.custom_op("kvshift::kv_shift_rope_fwd", mutates_args=())
+def kv_shift_rope_fwd_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    prev: torch.Tensor | None,
+) -> torch.Tensor:
+    """Custom op: fused KV shift + RoPE + transpose forward (see :func:`_kv_shift_rope_fwd`)."""
+    return _kv_shift_rope_fwd(x, weight, cos, sin, keep, prev)
+
+
+@kv_shift_rope_fwd_op.register_fake
+def _(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    prev: torch.Tensor | None,
+) -> torch.Tensor:
+    B, T, H, D = x.shape
+    return x.new_empty((B, H, T, D))
+
+
+@torch.library.custom_op("kvshift::kv_shift_rope_bwd", mutates_args=())
+def kv_shift_rope_bwd_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    prev: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Custom op: fused backward, returns ``(grad_x, grad_weight, grad_prev)``."""
+    return _kv_shift_rope_bwd(grad_y, x, weight, cos, sin, keep, prev)
+
+
+@kv_shift_rope_bwd_op.register_fake
+def _(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    prev: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, H, D = x.shape
+    pdt = prev.dtype if prev is not None else x.dtype
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(weight),
+        x.new_empty((B, H, D), dtype=pdt),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, cos, sin, keep, prev = inputs
+    ctx.has_prev = prev is not None
+    ctx.save_for_backward(x, weight, cos, sin, keep, prev)
+
+
+def _backward(ctx, grad_y: torch.Tensor):
+    x, weight, cos, sin, keep, prev = ctx.saved_tensors
+    gx, gw, gp = kv_shift_rope_bwd_op(grad_y, x, weight, cos, sin, keep, prev)
+    return gx, gw, None, None, None, (gp if ctx.has_prev else None)
+
+
+kv_shift_rope_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    prev: torch.Tensor | None,
+) -> None:
+    """Raise ``ValueError`` naming the argument when an input of :func:`kv_shift_rope_triton` is malformed."""
+    validate_kv_shift_args(x, weight, prev=prev)
+    B, T, H, D = x.shape
+    if keep is not None and (not isinstance(keep, torch.Tensor) or tuple(keep.shape) != (B, T)):
+        got = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise ValueError(f"keep must have shape [B, T] = [{B}, {T}], got {got}")
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must be given together (both None = no RoPE)")
+    if cos is None:
+        return
+    if D % 2:
+        raise ValueError(f"x must have an even head dim D for RoPE, got D = {D}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, T, D):
+            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must have shape [B, T, D] = [{B}, {T}, {D}], got {got}")
+
+
+def kv_shift_rope_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    *,
+    keep: torch.Tensor | None = None,
+    prev: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KV shift, then RoPE, then transpose to the SDPA layout, in one fused pass.
+
+    Equals ``apply_rope(kv_shift_ref(x, weight, prev=prev, reset_mask=~keep), cos, sin).transpose(1, 2)``
+    (without ``apply_rope`` when ``cos`` and ``sin`` are None, e.g. for values), materialised as a
+    contiguous ``[B, H, T, D]`` tensor of ``x``'s dtype; all math in fp32.
+
+    Args:
+        x: ``[B, T, H, D]`` raw keys or values (any strides).
+        weight: ``[H, 2]``; column 0 multiplies the current token, column 1 the previous one.
+        cos, sin: ``[B, T, D]`` rotate-half RoPE tables (any strides, e.g. expanded over B), or
+            both None for no RoPE. RoPE needs an even ``D``. Not differentiated (treated as constants).
+        keep: ``[B, T]`` bool, False where the predecessor reads as zero (document starts, after
+            padding); see ``previous_token_keep_mask(..., has_prev=True)``. None = keep all.
+        prev: ``[B, H, D]`` raw predecessor of position 0 (decode state); zero when None.
+
+    Differentiable in ``x``, ``weight`` and ``prev``.
+    """
+    _validate(x, weight, cos, sin, keep, prev)
+    return kv_shift_rope_fwd_op(x, weight, cos, sin, keep, prev)
