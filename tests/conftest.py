@@ -20,6 +20,26 @@ import kvshift  # noqa: E402,F401  (registers the Auto classes)
 from kvshift import KVShiftConfig, KVShiftForCausalLM  # noqa: E402
 
 
+def interpret_triton_kernels(*modules) -> None:
+    """Re-wrap the ``@triton.jit`` functions of ``modules`` for the CPU interpreter (no-op with CUDA).
+
+    ``triton.jit`` picks compiled or interpreted at decoration time. When ``triton.language`` was
+    imported before ``TRITON_INTERPRET=1`` was set (e.g. ``import transformers`` pulls in
+    ``torch._inductor``, which imports triton), its ``tl.sum`` and our kernels are compiled-only
+    functions that cannot run on CPU tensors.
+    """
+    if torch.cuda.is_available():
+        return
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    for module in (tl, tl.standard, *modules):
+        for name, obj in list(vars(module).items()):
+            if isinstance(obj, JITFunction):
+                setattr(module, name, InterpretedFunction(obj.fn))
+
+
 def tiny_config(**overrides) -> KVShiftConfig:
     base = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

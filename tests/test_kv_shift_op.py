@@ -224,3 +224,20 @@ def test_torch_backend_nan_in_padding_does_not_leak():
     assert torch.isfinite(y[:, 2:]).all()
     (gx,) = torch.autograd.grad(y[:, 2:].sum(), (x,))
     assert torch.isfinite(gx[:, 2:]).all()
+
+
+def test_decode_step_equals_the_op_and_checks_shapes():
+    from kvshift.ops.kv_shift import kv_shift_step
+
+    g = torch.Generator().manual_seed(3)
+    x, prev = torch.randn(3, 1, 2, 5, generator=g), torch.randn(3, 1, 2, 5, generator=g)
+    w = torch.randn(2, 2, generator=g)
+    torch.testing.assert_close(kv_shift_step(x, w, prev), kv_shift_ref(x, w, prev=prev[:, 0]), atol=1e-6, rtol=0)
+    out = kv_shift_step(x.bfloat16(), w, prev.bfloat16())  # fp32 weights, bf16 activations: x's dtype out
+    assert out.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="x must be"):
+        kv_shift_step(torch.randn(3, 2, 2, 5), w, torch.randn(3, 2, 2, 5))
+    with pytest.raises(ValueError, match="prev"):
+        kv_shift_step(x, w, prev[:2])
+    with pytest.raises(ValueError, match="weight"):
+        kv_shift_step(x, torch.randn(3, 2), prev)

@@ -16,29 +16,10 @@ from kvshift.ops.kv_shift import triton_rope as kernels  # noqa: E402
 from kvshift.ops.kv_shift.reference import kv_shift_ref  # noqa: E402
 from kvshift.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq  # noqa: E402
 
+from conftest import interpret_triton_kernels  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _interpret_jit_functions(*modules) -> None:
-    """Re-wrap ``@triton.jit`` functions of ``modules`` for the CPU interpreter.
-
-    ``triton.jit`` picks compiled or interpreted at decoration time; when ``triton.language`` was
-    imported before ``TRITON_INTERPRET=1`` was set, its ``tl.sum`` and our kernels are compiled-only
-    functions that cannot run on CPU tensors (see tests/ops/test_kv_shift_triton.py).
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    for module in modules:
-        for name, obj in list(vars(module).items()):
-            if isinstance(obj, JITFunction):
-                setattr(module, name, InterpretedFunction(obj.fn))
-
-
-if DEVICE == "cpu":
-    import triton.language as tl  # noqa: E402
-
-    _interpret_jit_functions(tl, tl.standard, kernels)
+interpret_triton_kernels(kernels)
 
 
 def _tol(dtype: torch.dtype) -> dict:

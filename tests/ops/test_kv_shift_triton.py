@@ -16,30 +16,10 @@ from kvshift.ops.kv_shift import kv_shift  # noqa: E402
 from kvshift.ops.kv_shift import triton as kernels  # noqa: E402
 from kvshift.ops.kv_shift.reference import kv_shift_ref, previous_token_keep_mask  # noqa: E402
 
+from conftest import interpret_triton_kernels  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _interpret_jit_functions(*modules) -> None:
-    """Re-wrap ``@triton.jit`` functions of ``modules`` for the CPU interpreter.
-
-    ``triton.jit`` picks compiled or interpreted at decoration time. When ``triton.language`` was
-    imported before ``TRITON_INTERPRET=1`` was set (e.g. ``import transformers`` pulls in
-    ``torch._inductor``, which imports triton), its ``tl.sum`` and our kernels are compiled-only
-    functions that cannot run on CPU tensors. Only done on machines without CUDA.
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    for module in modules:
-        for name, obj in list(vars(module).items()):
-            if isinstance(obj, JITFunction):
-                setattr(module, name, InterpretedFunction(obj.fn))
-
-
-if DEVICE == "cpu":
-    import triton.language as tl  # noqa: E402
-
-    _interpret_jit_functions(tl, tl.standard, kernels)
+interpret_triton_kernels(kernels)
 
 # (B, T, H, D): odd head dims, T = 1, a T that is not a multiple of any block.
 SHAPES = [(2, 5, 3, 7), (1, 1, 1, 13), (2, 33, 3, 64), (3, 5, 1, 13)]

@@ -117,35 +117,41 @@ def bench_train_step(spec: dict, device: torch.device, dtype: torch.dtype | None
 
 @torch.no_grad()
 def bench_decode(spec: dict, device: torch.device, dtype: torch.dtype, batch_sizes=(1, 32), prompt: int = 128,
-                 new_tokens: int = 32, rounds: int = 5) -> list[dict]:
-    """Per-token decode latency with the KV cache after a ``prompt``-token prefill."""
-    from transformers import DynamicCache
+                 new_tokens: int = 32, rounds: int = 5, compile: bool = False) -> list[dict]:
+    """Per-token decode latency with the KV cache after an untimed ``prompt``-token prefill.
 
-    models = _models(spec, device, dtype)
+    Both models decode side by side, one step each in alternating order, so machine drift hits both
+    alike; the median over every step of every round is reported. ``compile=True`` decodes with a
+    static cache and a ``torch.compile(fullgraph=True)`` step (the CUDA-graph-style setting);
+    otherwise eager with a ``DynamicCache``.
+    """
+    from transformers import DynamicCache, StaticCache
+
+    models = {name: m.eval() for name, m in _models(spec, device, dtype).items()}
+    steps_fn = {name: torch.compile(m, fullgraph=True, dynamic=False) if compile else m
+                for name, m in models.items()}
     rows = []
     for B in batch_sizes:
         ids = torch.randint(0, spec["vocab_size"], (B, prompt), device=device)
         nxt = torch.randint(0, spec["vocab_size"], (B, 1), device=device)
-        fns = {}
-        for name, model in models.items():
-            model.eval()
-
-            def fn(model=model):
-                cache = DynamicCache(config=model.config)
-                model(ids, past_key_values=cache, use_cache=True)
-                for _ in range(new_tokens):
-                    model(nxt, past_key_values=cache, use_cache=True)
-
-            fns[name] = fn
-        prefill = {}
-        for name, model in models.items():  # prefill alone, to subtract
-            def pf(model=model):
-                model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
-
-            prefill[name] = pf
-        total = interleaved(fns, device, 1, rounds)
-        pre = interleaved(prefill, device, 1, rounds)
-        per_tok = {k: max(total[k] - pre[k], 1e-6) / new_tokens for k in total}
-        rows.append({"bench": "decode", "batch": B, "prompt": prompt, "vanilla_ms_per_token": per_tok["vanilla"],
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for r in range(rounds + 1):  # round 0 warms up (and compiles)
+            caches = {}
+            for name, model in models.items():
+                caches[name] = (StaticCache(config=model.config, max_cache_len=prompt + new_tokens) if compile
+                                else DynamicCache(config=model.config))
+                model(ids, past_key_values=caches[name], use_cache=True)
+            for i in range(new_tokens):
+                pos = torch.full((B, 1), prompt + i, device=device)
+                for name in models if (r + i) % 2 == 0 else reversed(models):
+                    _sync(device)
+                    t = time.perf_counter()
+                    steps_fn[name](nxt, past_key_values=caches[name], position_ids=pos, use_cache=True)
+                    _sync(device)
+                    if r > 0:
+                        times[name].append((time.perf_counter() - t) * 1e3)
+        per_tok = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"bench": "decode", "mode": "compiled, static cache" if compile else "eager, dynamic cache",
+                     "batch": B, "prompt": prompt, "vanilla_ms_per_token": per_tok["vanilla"],
                      "kvshift_ms_per_token": per_tok["kvshift"], "ratio": per_tok["kvshift"] / per_tok["vanilla"]})
     return rows

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..ops.attention import attention
-from ..ops.kv_shift import kv_shift
+from ..ops.kv_shift import kv_shift_rope, kv_shift_step
 from ..ops.rope import apply_rope
 
 __all__ = ["KVShiftAttention", "init_shift_weight"]
@@ -36,7 +36,11 @@ class KVShiftAttention(nn.Module):
 
     Parameters follow Hugging Face Llama (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``); a KV-shift
     layer adds ``k_shift`` and ``v_shift`` ``[num_key_value_heads, 2]`` = (current, previous).
+    ``kv_shift_backend`` picks the shift kernel (see :func:`kvshift.kv_shift`): ``"auto"`` is the fused
+    Triton kernel on CUDA and eager PyTorch elsewhere; set it per layer to force one.
     """
+
+    kv_shift_backend: str = "auto"
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
@@ -73,6 +77,30 @@ class KVShiftAttention(nn.Module):
             return None
         return self._effective(self.k_shift), self._effective(self.v_shift)
 
+    def _shift_kv(self, k, v, cos, sin, pad_mask, reset_mask, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shifted (and rotated) keys and values ``[B, Hkv, T, D]`` from raw ``[B, T, Hkv, D]`` ones."""
+        T = k.shape[1]
+        k_w, v_w = self.shift_weights()
+        prev_k, prev_v = state.shift_last() if state is not None else (None, None)  # [B, 1, Hkv, D]
+        if self.shift_position == "post_rope":
+            k = apply_rope(k, cos, sin)
+        raw_k, raw_v = k, v  # the raw (pre-shift) rows are the next chunk's predecessors
+        if T == 1 and prev_k is not None and reset_mask is None:  # a decode step: two small ops per tensor
+            k, v = kv_shift_step(k, k_w, prev_k), kv_shift_step(v, v_w, prev_v)
+            if self.shift_position == "pre_rope":
+                k = apply_rope(k, cos, sin)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        else:  # one fused pass per tensor on CUDA (shift, RoPE for pre-RoPE keys, layout change)
+            if prev_k is not None:
+                prev_k, prev_v = prev_k[:, 0], prev_v[:, 0]
+            masks = dict(attention_mask=pad_mask, reset_mask=reset_mask, backend=self.kv_shift_backend)
+            rope = (cos, sin) if self.shift_position == "pre_rope" else (None, None)
+            k = kv_shift_rope(k, k_w, *rope, prev=prev_k, **masks)
+            v = kv_shift_rope(v, v_w, prev=prev_v, **masks)
+        if state is not None:  # after the shift: a static cache overwrites the state in place
+            state.push_shift_state(raw_k, raw_v, pad_mask)
+        return k, v
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -89,23 +117,11 @@ class KVShiftAttention(nn.Module):
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
         cos, sin = position_embeddings
-        q = apply_rope(q, cos, sin)
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, H, T, D]
         if self.use_kv_shift:
-            k_w, v_w = self.shift_weights()
-            state = shift_state
-            prev_k, prev_v = state.shift_prev() if state is not None else (None, None)
-            if self.shift_position == "post_rope":
-                k = apply_rope(k, cos, sin)
-            # the raw (pre-shift) rows are the next chunk's predecessors
-            if state is not None:
-                state.push_shift_state(k, v, pad_mask)
-            k = kv_shift(k, k_w, attention_mask=pad_mask, prev=prev_k, reset_mask=reset_mask)
-            v = kv_shift(v, v_w, attention_mask=pad_mask, prev=prev_v, reset_mask=reset_mask)
-            if self.shift_position == "pre_rope":
-                k = apply_rope(k, cos, sin)
+            k, v = self._shift_kv(k, v, cos, sin, pad_mask, reset_mask, shift_state)
         else:
-            k = apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+            k, v = apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         out = attention(

@@ -31,9 +31,18 @@ class KVShiftStateMixin:
 
     # --- state access -------------------------------------------------------------------------------
     def shift_prev(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Raw k/v ``[B, H_kv, D]`` of the latest token (None before the first chunk)."""
         if self.shift_k is None:
             return None, None
         return self.shift_k[:, -1], self.shift_v[:, -1]
+
+    def shift_last(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Like :meth:`shift_prev` with the time axis kept: ``[B, 1, H_kv, D]`` each (no copy)."""
+        if self.shift_k is None:
+            return None, None
+        if self.shift_k.shape[1] == 1:
+            return self.shift_k, self.shift_v
+        return self.shift_k[:, -1:], self.shift_v[:, -1:]
 
     def push_shift_state(
         self, raw_k: torch.Tensor, raw_v: torch.Tensor, pad_mask: torch.Tensor | None = None
@@ -43,15 +52,21 @@ class KVShiftStateMixin:
             raise ValueError(
                 f"cache holds KV-shift state for batch size {self.shift_k.shape[0]}, got a batch of {raw_k.shape[0]}"
             )
+        if raw_k.requires_grad or raw_v.requires_grad:
+            raw_k, raw_v = raw_k.detach(), raw_v.detach()
         if self.record_past:
-            new_k, new_v = raw_k.detach(), raw_v.detach()
+            new_k, new_v = raw_k, raw_v
             if self.shift_k is not None:
                 new_k = torch.cat([self.shift_k, new_k], dim=1)
                 new_v = torch.cat([self.shift_v, new_v], dim=1)
             self.shift_k, self.shift_v = new_k, new_v
             return
         if pad_mask is None:
-            last_k, last_v = raw_k[:, -1:], raw_v[:, -1:]
+            last_k, last_v = (raw_k, raw_v) if raw_k.shape[1] == 1 else (raw_k[:, -1:], raw_v[:, -1:])
+        elif raw_k.shape[1] == 1 and self.shift_k is not None:  # decode step: keep the old state under a pad
+            real = pad_mask.to(torch.bool).view(-1, 1, 1, 1)
+            old_k, old_v = self.shift_last()
+            last_k, last_v = torch.where(real, raw_k, old_k), torch.where(real, raw_v, old_v)
         else:
             # The predecessor of the next token is each row's last *real* token (right padding), or the
             # previous state when the chunk holds no real token for that row (long left padding).
@@ -65,7 +80,13 @@ class KVShiftStateMixin:
             old_v = self.shift_v[:, -1:] if self.shift_v is not None else torch.zeros_like(last_v)
             last_k = torch.where(has_real, last_k, old_k)
             last_v = torch.where(has_real, last_v, old_v)
-        self.shift_k, self.shift_v = last_k.detach(), last_v.detach()
+        if getattr(self, "is_compileable", False) and self.shift_k is not None and self.shift_k.shape == last_k.shape:
+            # a static cache keeps its state tensors: a compiled decode step mutates its inputs instead of
+            # returning new Python attributes (no side effects to replay after every step)
+            self.shift_k.copy_(last_k)
+            self.shift_v.copy_(last_v)
+        else:
+            self.shift_k, self.shift_v = last_k, last_v
 
     def _map_shift(self, fn) -> None:
         if self.shift_k is not None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 
 from .fused_torch import kv_shift_fused_torch
-from .reference import kv_shift_ref, validate_kv_shift_args
+from .reference import kv_shift_ref, previous_token_keep_mask, validate_kv_shift_args, validate_rope_args
 
-__all__ = ["kv_shift", "kv_shift_ref"]
+__all__ = ["kv_shift", "kv_shift_ref", "kv_shift_rope", "kv_shift_step"]
+BACKENDS = ("auto", "torch", "reference", "triton")
 
 
 def _triton_available(x: torch.Tensor) -> bool:
@@ -21,6 +22,12 @@ def _triton_available(x: torch.Tensor) -> bool:
     except Exception:  # Triton missing or unusable on this machine: the reference is always correct
         return False
     return True
+
+
+def _use_triton(x: torch.Tensor, backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend == "triton" or (backend == "auto" and _triton_available(x))
 
 
 def kv_shift(
@@ -50,10 +57,7 @@ def kv_shift(
     Returns:
         ``[B, T, H, D]`` tensor of ``x``'s dtype. Differentiable in ``x``, ``weight`` and ``prev``.
     """
-    if backend not in ("auto", "torch", "reference", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch', 'reference' or 'triton', got {backend!r}")
-    use_triton = backend == "triton" or (backend == "auto" and _triton_available(x))
-    if use_triton:
+    if _use_triton(x, backend):
         from .triton import kv_shift_triton
 
         validate_kv_shift_args(x, weight, cu_seqlens, attention_mask, prev, reset_mask)
@@ -68,3 +72,61 @@ def kv_shift(
     return kv_shift_fused_torch(
         x, weight, cu_seqlens=cu_seqlens, attention_mask=attention_mask, prev=prev, reset_mask=reset_mask
     )
+
+
+def kv_shift_step(x: torch.Tensor, weight: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """One decode step: ``kv_shift(x, weight, prev=prev[:, 0])`` for a single new token, in two ops.
+
+    The hot path of token-by-token generation, so it skips the general op's mask handling (a single
+    token continuing a sequence has no boundary inside it) and checks only what it relies on.
+
+    Args:
+        x: ``[B, 1, H, D]`` raw key or value of the new token.
+        weight: ``[H, 2]`` (current, previous).
+        prev: ``[B, 1, H, D]`` raw key or value of the token before it.
+    """
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"x must be [B, 1, H, D] (one new token), got shape {list(x.shape)}")
+    if prev.shape != x.shape:
+        raise ValueError(f"prev must have x's shape {list(x.shape)}, got {list(prev.shape)}")
+    if weight.shape != (x.shape[2], 2):
+        raise ValueError(f"weight must have shape [H, 2] = [{x.shape[2]}, 2], got {list(weight.shape)}")
+    # [H, 1] columns broadcast over [B, 1, H, D]; the products run in the promoted dtype, like kv_shift
+    y = torch.addcmul(prev * weight[:, 1:], x, weight[:, :1])
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def kv_shift_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    prev: torch.Tensor | None = None,
+    reset_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """KV shift, then rotary embedding (when ``cos``/``sin`` are given), in attention's ``[B, H, T, D]`` layout.
+
+    Equals ``apply_rope(kv_shift(x, weight, ...), cos, sin).transpose(1, 2)``. On CUDA (or with
+    ``backend="triton"``) one fused Triton kernel does all three in a single pass over ``x`` and returns
+    a contiguous tensor; elsewhere the eager ops run and the result is a transposed view.
+
+    Args:
+        x: ``[B, T, H, D]`` raw keys or values; ``weight``: ``[H, 2]`` (current, previous).
+        cos, sin: ``[B, T, D]`` rotate-half RoPE tables (``D`` even), or both None (values).
+        attention_mask, prev, reset_mask, backend: as in :func:`kv_shift`.
+    """
+    validate_kv_shift_args(x, weight, None, attention_mask, prev, reset_mask)
+    validate_rope_args(x, cos, sin)
+    if _use_triton(x, backend):
+        from .triton_rope import kv_shift_rope_triton
+
+        keep = previous_token_keep_mask(x.shape[0], x.shape[1], x.device, attention_mask=attention_mask,
+                                        has_prev=True, reset_mask=reset_mask)
+        return kv_shift_rope_triton(x, weight, cos, sin, keep=keep, prev=prev)
+    from ..rope import apply_rope
+
+    y = kv_shift(x, weight, attention_mask=attention_mask, prev=prev, reset_mask=reset_mask, backend=backend)
+    return (y if cos is None else apply_rope(y, cos, sin)).transpose(1, 2)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kv_shift_ref", "validate_kv_shift_args", "validate_cu_seqlens", "previous_token_keep_mask"]
+__all__ = ["kv_shift_ref", "validate_kv_shift_args", "validate_cu_seqlens", "validate_rope_args",
+           "previous_token_keep_mask"]
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -70,6 +71,21 @@ def validate_kv_shift_args(
         if not isinstance(reset_mask, torch.Tensor) or tuple(reset_mask.shape) != (B, T):
             got = _shape(reset_mask) if isinstance(reset_mask, torch.Tensor) else type(reset_mask).__name__
             raise ValueError(f"reset_mask must have shape [B, T] = [{B}, {T}], got {got}")
+
+
+def validate_rope_args(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` unless ``cos`` and ``sin`` are both None or both ``[B, T, D]`` with ``D`` even."""
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must be given together (both None = no RoPE)")
+    if cos is None:
+        return
+    B, T, _, D = x.shape
+    if D % 2:
+        raise ValueError(f"x must have an even head dim D for RoPE, got D = {D}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, T, D):
+            got = _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must have shape [B, T, D] = [{B}, {T}, {D}], got {got}")
 
 
 def previous_token_keep_mask(

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import validate_kv_shift_args
+from .reference import validate_kv_shift_args, validate_rope_args
 from .triton import _device_ctx, _keep_u8
 
 __all__ = ["kv_shift_rope_triton"]
@@ -374,30 +374,14 @@ def _backward(ctx, grad_y: torch.Tensor):
 kv_shift_rope_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _validate(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    cos: torch.Tensor | None,
-    sin: torch.Tensor | None,
-    keep: torch.Tensor | None,
-    prev: torch.Tensor | None,
-) -> None:
+def _validate(x, weight, cos, sin, keep, prev) -> None:
     """Raise ``ValueError`` naming the argument when an input of :func:`kv_shift_rope_triton` is malformed."""
     validate_kv_shift_args(x, weight, prev=prev)
-    B, T, H, D = x.shape
+    B, T = x.shape[:2]
     if keep is not None and (not isinstance(keep, torch.Tensor) or tuple(keep.shape) != (B, T)):
         got = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
         raise ValueError(f"keep must have shape [B, T] = [{B}, {T}], got {got}")
-    if (cos is None) != (sin is None):
-        raise ValueError("cos and sin must be given together (both None = no RoPE)")
-    if cos is None:
-        return
-    if D % 2:
-        raise ValueError(f"x must have an even head dim D for RoPE, got D = {D}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, T, D):
-            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must have shape [B, T, D] = [{B}, {T}, {D}], got {got}")
+    validate_rope_args(x, cos, sin)
 
 
 def kv_shift_rope_triton(
