@@ -47,7 +47,9 @@ def run_benchmarks(what: str, device: torch.device, rounds: int | None = None) -
     if what in ("model", "all"):
         out["model"] = [bench_train_step(spec, device, dtype if cuda else None, rounds=r, compile=cuda)]
     if what in ("decode", "all"):
-        out["decode"] = bench_decode(spec, device, dtype, rounds=max(3, r // 5))
+        # eager (DynamicCache) and compiled (StaticCache + torch.compile fullgraph) decoding
+        out["decode"] = [row for compile in (False, True)
+                         for row in bench_decode(spec, device, dtype, rounds=max(3, r // 3), compile=compile)]
     return out
 
 

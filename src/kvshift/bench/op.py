@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..ops.kv_shift import kv_shift
+from ..ops.kv_shift import kv_shift, kv_shift_rope
 from .common import hardware_info, markdown_table, time_fn
 from .peers import kv_shift_pad_slice, kv_shift_unfold
 
@@ -21,13 +21,21 @@ CPU_SHAPES: list[tuple[int, int, int, int]] = [(2, 4, 256, 64), (1, 8, 512, 32)]
 
 ShiftFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# name -> shift applied to K and V before attention (None: attention alone)
+
+def _sdpa_layout(shift: ShiftFn) -> ShiftFn:
+    return lambda x, w: shift(x, w).transpose(1, 2)
+
+
+# name -> shift applied to K and V [B, T, H, D], returning attention's [B, H, T, D] (None: attention alone).
+# "shift_fused" (CUDA only) is the model's path: one Triton pass that shifts and writes the SDPA layout.
 VARIANTS: dict[str, ShiftFn | None] = {
     "attn": None,
-    "shift": lambda x, w: kv_shift(x, w, backend="auto"),
-    "unfold": kv_shift_unfold,
-    "pad_slice": kv_shift_pad_slice,
+    "shift": _sdpa_layout(lambda x, w: kv_shift(x, w, backend="auto")),
+    "shift_fused": lambda x, w: kv_shift_rope(x, w, backend="auto"),
+    "unfold": _sdpa_layout(kv_shift_unfold),
+    "pad_slice": _sdpa_layout(kv_shift_pad_slice),
 }
+CUDA_ONLY = ("shift_fused",)
 
 
 def _make_step(
@@ -45,10 +53,8 @@ def _make_step(
     leaves = [q, k, v] + ([wk, wv] if shift is not None else [])
 
     def step() -> None:
-        kk, vv = (k, v) if shift is None else (shift(k, wk), shift(v, wv))
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), is_causal=True
-        )
+        kk, vv = (k.transpose(1, 2), v.transpose(1, 2)) if shift is None else (shift(k, wk), shift(v, wv))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, is_causal=True)
         torch.autograd.grad(out, leaves, grad_out)
 
     return step
@@ -64,7 +70,8 @@ def bench_op(
     """Time forward+backward of attention alone and of shift(K), shift(V) + attention, per shape.
 
     Variants: ``attn`` (SDPA, causal), ``shift`` (``kv_shift`` with the auto backend: Triton on CUDA,
-    the reference elsewhere), and the peers ``unfold`` and ``pad_slice`` (:mod:`kvshift.bench.peers`).
+    eager PyTorch elsewhere, then a transposed view), ``shift_fused`` (CUDA only: ``kv_shift_rope``, shift
+    and layout change in one kernel), and the peers ``unfold`` and ``pad_slice`` (:mod:`kvshift.bench.peers`).
     Shift weights use the activations' dtype so that every variant feeds SDPA the same dtype.
 
     Args:
@@ -83,6 +90,7 @@ def bench_op(
     warmup = warmup if warmup is not None else (10 if on_cuda else 3)
     iters = iters if iters is not None else (50 if on_cuda else 15)
 
+    variants = {n: f for n, f in VARIANTS.items() if on_cuda or n not in CUDA_ONLY}
     rows = []
     for B, H, T, D in shapes:
         row: dict = {
@@ -93,23 +101,22 @@ def bench_op(
             "dtype": str(dtype).removeprefix("torch."),
             "device": device.type,
         }
-        for name, shift in VARIANTS.items():
+        for name, shift in variants.items():
             step = _make_step(shift, B, H, T, D, dtype, device)
             row[f"{name}_ms"] = time_fn(step, warmup, iters, device)
             del step
             if on_cuda:
                 torch.cuda.empty_cache()
-        for name in VARIANTS:
+        for name in variants:
             row[f"{name}_ratio"] = row[f"{name}_ms"] / row["attn_ms"]
         rows.append(row)
     return rows
 
 
-COLUMNS = (
-    ["B", "H", "T", "D", "dtype"]
-    + [f"{n}_ms" for n in VARIANTS]
-    + [f"{n}_ratio" for n in VARIANTS if n != "attn"]
-)
+def columns(rows: list[dict]) -> list[str]:
+    """Table columns for the variants present in ``rows``."""
+    names = [n for n in VARIANTS if f"{n}_ms" in rows[0]]
+    return ["B", "H", "T", "D", "dtype"] + [f"{n}_ms" for n in names] + [f"{n}_ratio" for n in names if n != "attn"]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     hw = hardware_info()
     print("\n".join(f"- {k}: {v}" for k, v in hw.items()))
     print()
-    print(markdown_table(rows, COLUMNS))
+    print(markdown_table(rows, columns(rows)))
     print(json.dumps({"bench": "op", "hardware": hw, "rows": rows}))
     return rows
 

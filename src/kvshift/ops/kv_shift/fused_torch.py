@@ -47,17 +47,20 @@ class KVShiftTorchFunction(torch.autograd.Function):
         keep_next = None if keep is None else keep[:, 1:]
         gx = gw = gprev = None
         g_next = _masked(g[:, 1:], keep_next)  # gradient reaching x_t through token t+1's shift
-        if ctx.needs_input_grad[0]:
-            gx = g * w0
-            if x.shape[1] > 1:
-                gx[:, :-1].addcmul_(g_next, w1)
+        # One [B, T, H, D] buffer serves as scratch for the weight-gradient products, then becomes grad_x:
+        # every fresh large allocation costs page faults on CPU, more than the arithmetic itself.
+        buf = torch.empty_like(g, memory_format=torch.contiguous_format)
         if ctx.needs_input_grad[1]:
-            gw0 = torch.linalg.vecdot(g, x).sum(dim=(0, 1))  # [H]
-            gw1 = torch.linalg.vecdot(g_next, x[:, :-1]).sum(dim=(0, 1))
+            gw0 = torch.mul(g, x, out=buf).sum(dim=(0, 1, 3))  # [H]
+            gw1 = torch.mul(g_next, x[:, :-1], out=buf[:, 1:]).sum(dim=(0, 1, 3))
             if prev is not None:
                 g0 = _masked(g[:, :1], None if keep is None else keep[:, :1])[:, 0]
                 gw1 = gw1 + torch.linalg.vecdot(g0, prev).sum(dim=0)
             gw = torch.stack([gw0, gw1], dim=-1).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            gx = torch.mul(g, w0, out=buf)
+            if x.shape[1] > 1:
+                gx[:, :-1].addcmul_(g_next, w1)
         if prev is not None and ctx.needs_input_grad[2]:
             gprev = _masked(g[:, :1], None if keep is None else keep[:, :1])[:, 0] * w1[:, 0]
         return gx, gw, gprev, None
