@@ -158,3 +158,13 @@ def test_rollback_without_recording_is_refused():
         m(torch.randint(3, 97, (1, 6)), past_key_values=cache, use_cache=True)
     with pytest.raises(RuntimeError, match="roll back"):
         cache.crop(-2)
+
+
+@torch.no_grad()
+def test_state_after_prefill_does_not_keep_the_chunk_alive():
+    """The decode state is one row per sequence, not a view into the prefill's projections."""
+    m = tiny_model()
+    out = m(torch.randint(3, 97, (2, 40)), use_cache=True)
+    layer = out.past_key_values.layers[0]
+    assert layer.shift_k.shape[1] == 1
+    assert layer.shift_k.untyped_storage().nbytes() == layer.shift_k.numel() * layer.shift_k.element_size()

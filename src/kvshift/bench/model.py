@@ -122,13 +122,14 @@ def bench_decode(spec: dict, device: torch.device, dtype: torch.dtype, batch_siz
 
     Both models decode side by side, one step each in alternating order, so machine drift hits both
     alike; the median over every step of every round is reported. ``compile=True`` decodes with a
-    static cache and a ``torch.compile(fullgraph=True)`` step (the CUDA-graph-style setting);
+    static cache and a ``torch.compile(fullgraph=True)`` step (with CUDA graphs on a GPU);
     otherwise eager with a ``DynamicCache``.
     """
     from transformers import DynamicCache, StaticCache
 
     models = {name: m.eval() for name, m in _models(spec, device, dtype).items()}
-    steps_fn = {name: torch.compile(m, fullgraph=True, dynamic=False) if compile else m
+    mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on a GPU
+    steps_fn = {name: torch.compile(m, fullgraph=True, dynamic=False, mode=mode) if compile else m
                 for name, m in models.items()}
     rows = []
     for B in batch_sizes:

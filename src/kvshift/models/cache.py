@@ -62,7 +62,8 @@ class KVShiftStateMixin:
             self.shift_k, self.shift_v = new_k, new_v
             return
         if pad_mask is None:
-            last_k, last_v = (raw_k, raw_v) if raw_k.shape[1] == 1 else (raw_k[:, -1:], raw_v[:, -1:])
+            # a copy of the last row, so the state does not keep a long chunk's projections alive
+            last_k, last_v = (raw_k, raw_v) if raw_k.shape[1] == 1 else (raw_k[:, -1:].clone(), raw_v[:, -1:].clone())
         elif raw_k.shape[1] == 1 and self.shift_k is not None:  # decode step: keep the old state under a pad
             real = pad_mask.to(torch.bool).view(-1, 1, 1, 1)
             old_k, old_v = self.shift_last()
@@ -87,6 +88,10 @@ class KVShiftStateMixin:
             self.shift_v.copy_(last_v)
         else:
             self.shift_k, self.shift_v = last_k, last_v
+            if getattr(self, "is_compileable", False) and not torch.compiler.is_compiling():
+                # fixed addresses, like the static cache's own tensors: CUDA graphs can replay over them
+                torch._dynamo.mark_static_address(self.shift_k)
+                torch._dynamo.mark_static_address(self.shift_v)
 
     def _map_shift(self, fn) -> None:
         if self.shift_k is not None:

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from .fused_torch import kv_shift_fused_torch
@@ -14,20 +16,15 @@ __all__ = ["kv_shift", "kv_shift_ref", "kv_shift_rope", "kv_shift_step"]
 BACKENDS = ("auto", "torch", "reference", "triton")
 
 
-def _triton_available(x: torch.Tensor) -> bool:
-    if not x.is_cuda:
-        return False
-    try:
-        from . import triton as _kernels  # noqa: F401
-    except Exception:  # Triton missing or unusable on this machine: the reference is always correct
-        return False
-    return True
+# Looked up once, without importing Triton: the dispatch below is then a plain branch that
+# torch.compile(fullgraph=True) traces (an import inside try/except would not be).
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend == "triton" or (backend == "auto" and _triton_available(x))
+    return backend == "triton" or (backend == "auto" and x.is_cuda and _HAS_TRITON)
 
 
 def kv_shift(
