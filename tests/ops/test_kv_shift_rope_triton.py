@@ -12,11 +12,11 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from kvshift.ops.kv_shift import triton_rope as kernels  # noqa: E402
+from conftest import interpret_triton_kernels  # noqa: E402
+
+from kvshift.ops.kv_shift import triton as kernels  # noqa: E402
 from kvshift.ops.kv_shift.reference import kv_shift_ref  # noqa: E402
 from kvshift.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq  # noqa: E402
-
-from conftest import interpret_triton_kernels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 interpret_triton_kernels(kernels)
@@ -131,13 +131,13 @@ def test_kernels_write_every_element(rope):
     )
     x, w, prev = x.detach(), w.detach(), prev.detach()
     nan = float("nan")
-    y = kernels._kv_shift_rope_fwd(x, w, cos, sin, keep, prev, out=x.new_full((B, H, T, D), nan))
+    y = kernels._kv_shift_fwd(x, w, cos, sin, keep, prev, True, out=x.new_full((B, H, T, D), nan))
     torch.testing.assert_close(y, _reference(x, w, cos, sin, keep, prev), **_tol(torch.float32))
 
-    block_t, _ = kernels._blocks(B * T, D)
+    block_t, _ = kernels._blocks(B * T, D, rope)
     partial = torch.full((triton.cdiv(B * T, block_t), H, 2), nan, device=DEVICE)
-    gx, gw, gp = kernels._kv_shift_rope_bwd(
-        gy, x, w, cos, sin, keep, prev,
+    gx, gw, gp = kernels._kv_shift_bwd(
+        gy, x, w, cos, sin, keep, prev, True,
         grad_x=torch.full_like(x, nan), grad_prev=torch.full_like(prev, nan), grad_weight_partial=partial,
     )  # fmt: skip
     for t in (gx, gw, gp):
@@ -148,8 +148,8 @@ def test_deterministic_weight_grad():
     x, w, cos, sin, keep, prev, gy = _inputs(
         (2, 33, 3, 64), torch.float32, rope=True, with_keep=True, with_prev=True
     )
-    args = (gy, x.detach(), w.detach(), cos, sin, keep, prev.detach())
-    for u, v in zip(kernels._kv_shift_rope_bwd(*args), kernels._kv_shift_rope_bwd(*args)):
+    args = (gy, x.detach(), w.detach(), cos, sin, keep, prev.detach(), True)
+    for u, v in zip(kernels._kv_shift_bwd(*args), kernels._kv_shift_bwd(*args)):
         assert torch.equal(u, v)
 
 
@@ -157,10 +157,12 @@ def test_opcheck_custom_ops():
     x, w, cos, sin, keep, prev, gy = _inputs(
         (2, 5, 3, 8), torch.float32, rope=True, with_keep=True, with_prev=True
     )
-    torch.library.opcheck(kernels.kv_shift_rope_fwd_op, (x, w, cos, sin, keep, prev))
-    torch.library.opcheck(kernels.kv_shift_rope_fwd_op, (x, w, None, None, None, None))
+    torch.library.opcheck(kernels.kv_shift_fwd_op, (x, w, cos, sin, keep, prev, True))
+    torch.library.opcheck(kernels.kv_shift_fwd_op, (x, w, None, None, None, None, True))
+    # RoPE in x's own [B, T, H, D] layout: no public entry point, but the op accepts it.
+    torch.library.opcheck(kernels.kv_shift_fwd_op, (x, w, cos, sin, keep, prev, False))
     torch.library.opcheck(
-        kernels.kv_shift_rope_bwd_op, (gy, x.detach(), w.detach(), cos, sin, keep, prev.detach())
+        kernels.kv_shift_bwd_op, (gy, x.detach(), w.detach(), cos, sin, keep, prev.detach(), True)
     )
 
 

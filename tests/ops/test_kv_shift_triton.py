@@ -12,11 +12,11 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+from conftest import interpret_triton_kernels  # noqa: E402
+
 from kvshift.ops.kv_shift import kv_shift  # noqa: E402
 from kvshift.ops.kv_shift import triton as kernels  # noqa: E402
 from kvshift.ops.kv_shift.reference import kv_shift_ref, previous_token_keep_mask  # noqa: E402
-
-from conftest import interpret_triton_kernels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 interpret_triton_kernels(kernels)
@@ -125,24 +125,24 @@ def test_kernels_write_every_element(with_prev):
     am = _masks("pad", B, T)["attention_mask"]
     keep = previous_token_keep_mask(B, T, x.device, attention_mask=am, has_prev=True)
     nan = float("nan")
-    y = kernels._kv_shift_fwd(x, w, keep, prev, out=torch.full_like(x, nan))
+    y = kernels._kv_shift_fwd(x, w, None, None, keep, prev, False, out=torch.full_like(x, nan))
     torch.testing.assert_close(y, kv_shift_ref(x, w, prev=prev, attention_mask=am), atol=1e-6, rtol=1e-6)
 
-    block_t, _ = kernels._blocks(B * T, D)
+    block_t, _ = kernels._blocks(B * T, D, False)
     partial = torch.full((triton.cdiv(B * T, block_t), H, 2), nan, device=DEVICE)
     gp_buf = torch.full((B, H, D), nan, device=DEVICE) if with_prev else None
     gx, gw, gp = kernels._kv_shift_bwd(
-        gy, x, w, keep, prev, grad_x=torch.full_like(x, nan), grad_prev=gp_buf, grad_weight_partial=partial
-    )
+        gy, x, w, None, None, keep, prev, False,
+        grad_x=torch.full_like(x, nan), grad_prev=gp_buf, grad_weight_partial=partial,
+    )  # fmt: skip
     for t in (gx, gw, gp):
         assert not torch.isnan(t).any()
 
 
 def test_deterministic_weight_grad():
     x, w, prev, gy = _inputs((2, 33, 3, 64), torch.float32, torch.float32, with_prev=True)
-    a = kernels._kv_shift_bwd(gy, x.detach(), w.detach(), None, prev.detach())
-    b = kernels._kv_shift_bwd(gy, x.detach(), w.detach(), None, prev.detach())
-    for u, v in zip(a, b, strict=True):
+    args = (gy, x.detach(), w.detach(), None, None, None, prev.detach(), False)
+    for u, v in zip(kernels._kv_shift_bwd(*args), kernels._kv_shift_bwd(*args), strict=True):
         assert torch.equal(u, v)
 
 
@@ -151,9 +151,11 @@ def test_opcheck_custom_ops():
     keep = previous_token_keep_mask(
         2, 5, x.device, attention_mask=_masks("pad", 2, 5)["attention_mask"], has_prev=True
     )
-    torch.library.opcheck(kernels.kv_shift_fwd_op, (x, w, keep, prev))
-    torch.library.opcheck(kernels.kv_shift_fwd_op, (x, w, None, None))
-    torch.library.opcheck(kernels.kv_shift_bwd_op, (gy, x.detach(), w.detach(), keep, prev.detach()))
+    torch.library.opcheck(kernels.kv_shift_fwd_op, (x, w, None, None, keep, prev, False))
+    torch.library.opcheck(kernels.kv_shift_fwd_op, (x, w, None, None, None, None, False))
+    torch.library.opcheck(
+        kernels.kv_shift_bwd_op, (gy, x.detach(), w.detach(), None, None, keep, prev.detach(), False)
+    )
 
 
 def _loss(x, w, prev, am):

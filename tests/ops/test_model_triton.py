@@ -15,10 +15,10 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from conftest import interpret_triton_kernels, tiny_model  # noqa: E402
-from kvshift.ops.kv_shift import triton as shift_kernels  # noqa: E402
-from kvshift.ops.kv_shift import triton_rope as rope_kernels  # noqa: E402
 
-interpret_triton_kernels(shift_kernels, rope_kernels)
+from kvshift.ops.kv_shift import triton as kernels  # noqa: E402
+
+interpret_triton_kernels(kernels)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -118,7 +118,7 @@ def kv_shift_rope(
     validate_kv_shift_args(x, weight, None, attention_mask, prev, reset_mask)
     validate_rope_args(x, cos, sin)
     if _use_triton(x, backend):
-        from .triton_rope import kv_shift_rope_triton
+        from .triton import kv_shift_rope_triton
 
         keep = previous_token_keep_mask(x.shape[0], x.shape[1], x.device, attention_mask=attention_mask,
                                         has_prev=True, reset_mask=reset_mask)
