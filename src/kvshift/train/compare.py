@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"one of {sorted(RECIPES)} (default: stdlib-small, or stdlib-quick with --quick)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
     parser.add_argument("--data", default=None, help="prepared data folder (default: the recipe's, data/stdlib)")
-    parser.add_argument("--out", default="results/compare", help="output folder (default results/compare)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default results/compare, results/compare-quick with --quick)")
     parser.add_argument("--quick", action="store_true", help="the <= 5 minute CPU version (recipe stdlib-quick)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the recipe for both variants (repeatable)")
@@ -157,6 +158,7 @@ def compare(recipe: str, seeds: int, out: str | Path, data: str | None = None, o
 
 def run(args: argparse.Namespace) -> int:
     recipe = args.recipe or ("stdlib-quick" if args.quick else "stdlib-small")
-    compare(recipe, args.seeds, args.out, data=args.data, overrides=args.overrides)
-    print((Path(args.out) / "results.md").read_text())
+    out = args.out or ("results/compare-quick" if args.quick else "results/compare")
+    compare(recipe, args.seeds, out, data=args.data, overrides=args.overrides)
+    print((Path(out) / "results.md").read_text())
     return 0
