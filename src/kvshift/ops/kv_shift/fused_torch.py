@@ -51,8 +51,8 @@ class KVShiftTorchFunction(torch.autograd.Function):
         # every fresh large allocation costs page faults on CPU, more than the arithmetic itself.
         buf = torch.empty_like(g, memory_format=torch.contiguous_format)
         if ctx.needs_input_grad[1]:
-            gw0 = torch.mul(g, x, out=buf).sum(dim=(0, 1, 3))  # [H]
-            gw1 = torch.mul(g_next, x[:, :-1], out=buf[:, 1:]).sum(dim=(0, 1, 3))
+            gw0 = torch.mul(g, x, out=buf).sum(-1).sum((0, 1))  # [H]
+            gw1 = torch.mul(g_next, x[:, :-1], out=buf[:, 1:]).sum(-1).sum((0, 1))
             if prev is not None:
                 g0 = _masked(g[:, :1], None if keep is None else keep[:, :1])[:, 0]
                 gw1 = gw1 + torch.linalg.vecdot(g0, prev).sum(dim=0)
