@@ -108,6 +108,16 @@ def bench_train_step(spec: dict, device: torch.device, dtype: torch.dtype | None
     row["throughput_ratio"] = row["kvshift_tokens_per_s"] / row["vanilla_tokens_per_s"]
     row["time_ratio"] = ms["kvshift"] / ms["vanilla"]
     if device.type == "cuda":
+        for name, fn in fns.items():
+            # memory a step adds on top of what is allocated (both models, their optimizer states):
+            # activations and gradients, where the raw K/V that KV shifting saves show up
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            fn()
+            torch.cuda.synchronize(device)
+            row[f"{name}_step_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+        row["step_memory_ratio"] = row["kvshift_step_gib"] / row["vanilla_step_gib"]
         n = sum(p.numel() for p in models["vanilla"].parameters())
         flops = 6 * n * tok + 12 * spec["num_hidden_layers"] * spec["hidden_size"] * T * tok  # PaLM-style count
         peak = 989e12  # H100/H200 dense bf16
