@@ -30,14 +30,8 @@ class KVShiftStateMixin:
     shift_v: torch.Tensor | None = None
 
     # --- state access -------------------------------------------------------------------------------
-    def shift_prev(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Raw k/v ``[B, H_kv, D]`` of the latest token (None before the first chunk)."""
-        if self.shift_k is None:
-            return None, None
-        return self.shift_k[:, -1], self.shift_v[:, -1]
-
     def shift_last(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Like :meth:`shift_prev` with the time axis kept: ``[B, 1, H_kv, D]`` each (no copy)."""
+        """Raw k/v ``[B, 1, H_kv, D]`` of the latest token, no copy (None before the first chunk)."""
         if self.shift_k is None:
             return None, None
         if self.shift_k.shape[1] == 1:

@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ModelConfig", "DataConfig", "OptimConfig", "DistributedConfig", "TrainConfig",
+__all__ = ["OPTIM_IMPLEMENTATIONS", "ModelConfig", "DataConfig", "OptimConfig", "DistributedConfig", "TrainConfig",
            "apply_overrides", "config_to_dict", "config_from_dict"]
 
 
@@ -45,6 +45,9 @@ class DataConfig:
     val_batches: int = 8
     val_batch_size: int = 16
     byte_files: int = 60
+
+
+OPTIM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "loop")
 
 
 @dataclass
@@ -94,7 +97,7 @@ class TrainConfig:
         choices = {
             "data.source": (self.data.source, ("prepared", "stdlib-bytes")),
             "optim.schedule": (self.optim.schedule, ("cosine", "wsd", "constant")),
-            "optim.implementation": (self.optim.implementation, ("auto", "fused", "foreach", "loop")),
+            "optim.implementation": (self.optim.implementation, OPTIM_IMPLEMENTATIONS),
             "distributed.strategy": (self.distributed.strategy, ("none", "ddp", "fsdp")),
             "device": (self.device, ("auto", "cpu", "cuda")),
             "dtype": (self.dtype, ("auto", "float32", "bfloat16")),

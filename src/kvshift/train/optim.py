@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .config import OptimConfig
+from .config import OPTIM_IMPLEMENTATIONS, OptimConfig
 
 __all__ = ["param_groups", "build_optimizer", "lr_factor"]
 
@@ -34,14 +34,11 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-IMPLEMENTATIONS = ("auto", "fused", "foreach", "loop")
-
-
 def _implementation_kwargs(params: list[torch.Tensor], implementation: str) -> dict:
     """AdamW's ``fused`` / ``foreach`` flags. ``auto`` is the fused kernel (one pass over every parameter,
     CPU and CUDA) unless a parameter is a sharded DTensor (FSDP2), where PyTorch's own default is kept."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"optim.implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation not in OPTIM_IMPLEMENTATIONS:
+        raise ValueError(f"optim.implementation must be one of {OPTIM_IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "auto":
         from torch.distributed.tensor import DTensor
 

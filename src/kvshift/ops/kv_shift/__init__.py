@@ -125,5 +125,6 @@ def kv_shift_rope(
         return kv_shift_rope_triton(x, weight, cos, sin, keep=keep, prev=prev)
     from ..rope import apply_rope
 
-    y = kv_shift(x, weight, attention_mask=attention_mask, prev=prev, reset_mask=reset_mask, backend=backend)
+    shift = kv_shift_ref if backend == "reference" else kv_shift_fused_torch  # arguments validated above
+    y = shift(x, weight, attention_mask=attention_mask, prev=prev, reset_mask=reset_mask)
     return (y if cos is None else apply_rope(y, cos, sin)).transpose(1, 2)
