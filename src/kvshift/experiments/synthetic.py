@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..layers.attention import is_shift_parameter
 from ..models import KVShiftConfig, KVShiftForCausalLM
 
 __all__ = ["ModelSpec", "RunSpec", "build_model", "train_on_task", "steps_to_reach"]
@@ -95,7 +96,7 @@ def train_on_task(
     model = build_model(spec, task.vocab_size, eval_batch["input_ids"].shape[1], seed)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "_shift" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "_shift" in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or is_shift_parameter(n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=run.lr, betas=(0.9, 0.95),

@@ -9,18 +9,24 @@ from ..ops.attention import attention
 from ..ops.kv_shift import kv_shift_rope, kv_shift_step
 from ..ops.rope import apply_rope
 
-__all__ = ["KVShiftAttention", "init_shift_weight"]
+__all__ = ["KVShiftAttention", "init_shift_weight", "shift_generator", "is_shift_parameter"]
+
+
+def is_shift_parameter(name: str) -> bool:
+    """Whether a parameter name from ``named_parameters()`` is a KV-shift weight (for state dicts and
+    wrapped models; on a live model prefer ``KVShiftAttention.shift_parameters()``)."""
+    return name.rsplit(".", 1)[-1] in ("k_shift", "v_shift")
 
 
 def init_shift_weight(num_heads: int, mode: str, parametrization: str = "free",
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Initial raw ``[num_heads, 2]`` shift parameter, columns (current, previous)."""
     if mode == "identity":
-        cur = torch.ones(num_heads)
+        cur = torch.ones(num_heads, device="cpu")
     elif mode == "paper":  # current ~ U(0, 1), previous = 1 - current (paper §2.2)
-        cur = torch.rand(num_heads, generator=generator)
+        cur = torch.rand(num_heads, generator=generator, device="cpu")
     elif mode == "softmax":  # Baichuan-M1: softmax of a normal draw, also a convex pair
-        cur = torch.softmax(torch.randn(num_heads, 2, generator=generator), dim=-1)[:, 0]
+        cur = torch.softmax(torch.randn(num_heads, 2, generator=generator, device="cpu"), dim=-1)[:, 0]
     else:
         raise ValueError(f"kv_shift_init must be 'paper', 'identity' or 'softmax', got {mode!r}")
     w = torch.stack([cur, 1.0 - cur], dim=-1)
@@ -29,6 +35,19 @@ def init_shift_weight(num_heads: int, mode: str, parametrization: str = "free",
         if mode == "identity":
             w[:, 0] = 30.0  # sigmoid(30) == 1 in fp32
     return w
+
+
+def shift_generator(layer_idx: int) -> torch.Generator:
+    """A CPU generator for one layer's shift draws that leaves the global RNG untouched.
+
+    Its seed is read from the global RNG's *current state* (peeked, not consumed) and the layer index, so
+    the same seed gives the same draws, another seed other draws, and a model with KV shifting draws
+    every shared weight exactly as the vanilla model does: the paired comparison starts from one init.
+    """
+    peek = torch.Generator()
+    peek.set_state(torch.random.get_rng_state())
+    base = int(torch.randint(0, 2**62, (1,), generator=peek, device="cpu"))
+    return torch.Generator().manual_seed((base + 1_000_003 * (layer_idx + 1)) % 2**63)
 
 
 class KVShiftAttention(nn.Module):
@@ -60,8 +79,24 @@ class KVShiftAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, Hkv * D, bias=qkv_bias)
         self.o_proj = nn.Linear(H * D, config.hidden_size, bias=config.attention_bias)
         if self.use_kv_shift:
-            self.k_shift = nn.Parameter(init_shift_weight(Hkv, config.kv_shift_init, self.parametrization))
-            self.v_shift = nn.Parameter(init_shift_weight(Hkv, config.kv_shift_init, self.parametrization))
+            self.k_shift = nn.Parameter(torch.empty(Hkv, 2))
+            self.v_shift = nn.Parameter(torch.empty(Hkv, 2))
+            self.reset_shift_parameters()
+
+    def shift_parameters(self) -> list[nn.Parameter]:
+        """The shift weights of this layer (empty when the shift is off): the one answer to "which
+        parameters are shift weights", asked by the optimizer groups and the fp32 cast."""
+        return [self.k_shift, self.v_shift] if self.use_kv_shift else []
+
+    @torch.no_grad()
+    def reset_shift_parameters(self) -> None:
+        """Draw ``k_shift`` / ``v_shift`` per ``config.kv_shift_init`` without consuming the global RNG."""
+        if not self.use_kv_shift or self.k_shift.is_meta:  # meta: from_pretrained fills them later
+            return
+        g = shift_generator(self.layer_idx)
+        for p in (self.k_shift, self.v_shift):
+            w = init_shift_weight(self.num_kv_heads, self.config.kv_shift_init, self.parametrization, generator=g)
+            p.copy_(w.to(p.device, p.dtype))
 
     def _effective(self, raw: torch.Tensor) -> torch.Tensor:
         if self.parametrization == "gate":

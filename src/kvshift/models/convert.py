@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..layers.attention import init_shift_weight
+from ..layers.attention import init_shift_weight, is_shift_parameter
 from ..ops.rope import rope_inv_freq
 from .configuration import KV_SHIFT_INITS, KVShiftConfig
 from .modeling import KVShiftForCausalLM
@@ -172,7 +172,7 @@ def _convert_model(source: nn.Module, init: str, dtype: torch.dtype | None, *, s
 
     state = {k: v for k, v in source.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
     expected = set(model.state_dict())
-    shift_keys = {k for k in expected if k.endswith(("k_shift", "v_shift"))}
+    shift_keys = {k for k in expected if is_shift_parameter(k)}
     tied = config.tie_word_embeddings
     unexpected = sorted(set(state) - expected)
     missing = sorted(expected - set(state) - shift_keys - ({"lm_head.weight"} if tied else set()))

@@ -9,7 +9,7 @@ from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ..layers.attention import KVShiftAttention, init_shift_weight
+from ..layers.attention import KVShiftAttention, init_shift_weight, shift_generator
 from ..layers.block import DecoderLayer
 from ..layers.norm import RMSNorm
 from ..ops.kv_shift.reference import validate_cu_seqlens
@@ -86,9 +86,12 @@ class KVShiftPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, KVShiftAttention) and module.use_kv_shift:
+            # drawn from a peeked generator: the global RNG, and so every shared weight, is the same as
+            # for the vanilla model under the same seed
+            g = shift_generator(module.layer_idx)
             for p in (module.k_shift, module.v_shift):
                 init.copy_(p, init_shift_weight(
-                    module.num_kv_heads, self.config.kv_shift_init, module.parametrization
+                    module.num_kv_heads, self.config.kv_shift_init, module.parametrization, generator=g
                 ).to(p.device, p.dtype))
         if isinstance(module, KVShiftModel):
             # a non-persistent buffer: from_pretrained materializes it with torch.empty_like, so set it here
@@ -148,6 +151,8 @@ class KVShiftModel(KVShiftPreTrainedModel):
             validate_cu_seqlens(cu_seqlens, B, T)
             if position_ids is None:
                 position_ids = position_ids_from_cu_seqlens(cu_seqlens.to(inputs_embeds.device), T)
+        # positions made here continue the cache: they can never start a document (no reset, no sync)
+        may_pack = position_ids is not None
         if position_ids is None:
             position_ids = (torch.arange(T, device=inputs_embeds.device) + past)[None].expand(B, T)
         elif position_ids.dim() == 1:
@@ -157,8 +162,8 @@ class KVShiftModel(KVShiftPreTrainedModel):
         if position_ids.shape[0] != B:
             position_ids = position_ids.expand(B, T)
 
-        reset_mask = reset_mask_from_position_ids(position_ids, past)
-        if not torch.compiler.is_compiling() and not bool(reset_mask.any()):
+        reset_mask = reset_mask_from_position_ids(position_ids, past) if may_pack else None
+        if reset_mask is not None and not torch.compiler.is_compiling() and not bool(reset_mask.any()):
             reset_mask = None
         kv_offset = 0
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and cache is not None:
@@ -166,8 +171,12 @@ class KVShiftModel(KVShiftPreTrainedModel):
             kv_offset = cache.get_mask_sizes(T, 0)[1]
         pad_mask = _pad_mask(attention_mask, T, past, kv_offset)
 
+        # Document masking has one owner: `document_mask_function`, built from the reset mask, which knows
+        # the cache. position_ids are withheld from transformers on purpose: without a cache it would detect
+        # packing itself and remap the indices handed to mask functions to per-document positions, which is
+        # how packed training once attended across documents (and it cannot see documents after a cache).
         mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           cache=cache, position_ids=position_ids)
+                           cache=cache, position_ids=None)
         if getattr(cache, "is_compileable", False):
             # A static cache returns max_cache_len keys: never rely on SDPA's is_causal (it needs T == S)
             mask_kwargs["allow_is_causal_skip"] = False

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..layers.attention import is_shift_parameter
 from .config import OPTIM_IMPLEMENTATIONS, OptimConfig
 
 __all__ = ["param_groups", "build_optimizer", "lr_factor"]
@@ -18,7 +19,7 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.endswith("k_shift") or name.endswith("v_shift"):
+        if is_shift_parameter(name):
             if p.dtype != torch.float32:
                 raise ValueError(f"{name} must be kept in float32, got {p.dtype}")
             shift.append(p)
