@@ -24,17 +24,18 @@ def test_glob_without_matches(tmp_path: Path) -> None:
         prepare(str(tmp_path / "*.jsonl"), tmp_path / "out")
 
 
-def test_directory_without_supported_files(tmp_path: Path) -> None:
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "a.csv").write_text("x", encoding="utf-8")
-    with pytest.raises(FileNotFoundError, match="contains no"):
+def test_directory_without_files(tmp_path: Path) -> None:
+    (tmp_path / "src" / ".git").mkdir(parents=True)
+    (tmp_path / "src" / ".git" / "HEAD").write_text("ref", encoding="utf-8")  # hidden: never read
+    with pytest.raises(FileNotFoundError, match="contains no files"):
         prepare(str(tmp_path / "src"), tmp_path / "out")
 
 
-def test_unsupported_file_type(tmp_path: Path) -> None:
-    (tmp_path / "a.csv").write_text("x", encoding="utf-8")
-    with pytest.raises(ValueError, match="unsupported file type"):
-        prepare(str(tmp_path / "a.csv"), tmp_path / "out")
+def test_only_binary_files(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(ValueError, match="every file was skipped .1 binary"):
+        prepare(str(tmp_path / "a.bin"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_empty_source(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from conftest import tiny_model
 
 from kvshift.cli import main
 from kvshift.eval.heads import attention_maps, head_scores, repeated_sequence_loss, shift_table
-from kvshift.train.compare import paired_stats
+from kvshift.experiments.compare import paired_stats
 
 ROW_FIELDS = {"model": str, "layers": int, "kv_shift": bool, "metric": str, "mean": float, "std": float, "seeds": int}
 

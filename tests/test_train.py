@@ -207,7 +207,7 @@ def test_two_process_matches_one_process(tmp_path, strategy):
 
 
 def test_compare_tiny_writes_stats_and_plot(tmp_path):
-    from kvshift.train.compare import compare
+    from kvshift.experiments.compare import compare
 
     sets = ["steps=3", "eval_every=3", "model.hidden_size=32", "model.intermediate_size=64", "data.seq_len=32",
             "data.batch_size=4", "data.byte_files=8", "tensorboard=false"]

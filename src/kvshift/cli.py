@@ -14,7 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "reproduce": ("kvshift.experiments.cli", "run a paper experiment (induction, ngram, hopk, theorems)"),
     "train": ("kvshift.train.cli", "train a language model from a recipe"),
-    "compare": ("kvshift.train.compare", "multi-seed vanilla vs KV-shifting comparison"),
+    "compare": ("kvshift.experiments.compare", "multi-seed vanilla vs KV-shifting comparison"),
     "data": ("kvshift.data.cli", "prepare token shards from a corpus"),
     "generate": ("kvshift.generate_cli", "generate text with a saved model"),
     "eval": ("kvshift.eval.cli", "evaluate a saved model with lm-evaluation-harness"),

@@ -35,6 +35,12 @@ class ByteCorpus:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for: 1 for a byte, 0 for EOS."""
+        out = np.ones(self.vocab_size, dtype=np.int64)
+        out[self.eos_id] = 0
+        return out
+
     @property
     def num_docs(self) -> int:
         return len(self.doc_starts)

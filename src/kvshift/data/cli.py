@@ -47,6 +47,10 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-config", default=None, help="configuration name of a Hugging Face dataset")
     parser.add_argument("--streaming", action="store_true", help="stream the Hugging Face dataset")
     parser.add_argument("--eos-token", default=None, help="document separator token of an existing tokenizer")
+    parser.add_argument("--include", action="append", default=[], metavar="GLOB",
+                        help="read only local files whose relative path or name matches (repeatable; default: all)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                        help="skip local files whose relative path or name matches (repeatable; default: none)")
     parser.add_argument("--overwrite", action="store_true", help="replace a differently prepared --out")
     parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
 
@@ -75,6 +79,8 @@ def run_prepare(args: argparse.Namespace) -> int:
             eos_token=args.eos_token,
             overwrite=args.overwrite,
             progress=False if args.no_progress else None,
+            include=args.include,
+            exclude=args.exclude,
         )
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"kvshift data prepare: error: {exc}", file=sys.stderr)
@@ -86,6 +92,9 @@ def run_prepare(args: argparse.Namespace) -> int:
     )
     for split, info in meta["splits"].items():
         print(f"  {split}: {info['docs']} docs, {info['tokens']} tokens, {info['text_bytes']} text bytes")
+    info = meta.get("source_info", {})
+    if info.get("skipped_binary") or info.get("skipped_non_utf8"):
+        print(f"  skipped {info.get('skipped_binary', 0)} binary and {info.get('skipped_non_utf8', 0)} non-UTF-8 files")
     return 0
 
 

@@ -77,6 +77,18 @@ class TokenDataset:
     def num_docs(self) -> int:
         return len(self.doc_starts)
 
+    def doc_keys(self) -> list[str] | None:
+        """Names of the documents (recorded for the val split by ``kvshift data prepare``), or None."""
+        keys = self.meta["splits"][self.split].get("doc_keys")
+        return list(keys) if keys is not None and len(keys) == self.num_docs else None
+
+    def token_byte_lengths(self) -> np.ndarray | None:
+        """UTF-8 bytes each token id stands for (0 for special tokens), for exact bits per byte; None when
+        the tokenizer is not byte-level (bits per byte then use the split's average bytes per token)."""
+        from .tokenizer import byte_level_token_lengths
+
+        return byte_level_token_lengths(self.data_dir / "tokenizer.json", self.vocab_size)
+
     def document(self, index: int, *, with_eos: bool = False) -> np.ndarray:
         """Token ids of document ``index`` (without its trailing EOS unless ``with_eos``)."""
         start = int(self.doc_starts[index])
@@ -287,3 +299,87 @@ def position_ids_to_cu_seqlens(position_ids: Any) -> torch.Tensor:
         offset = r * array.shape[1]
         bounds.extend(offset + end for _, end in documents_in_row(row))
     return torch.tensor(bounds, dtype=torch.int32)
+
+
+def validation_rows(dataset: TokenDataset, seq_len: int, max_tokens: int = 0, *, seed: int = 0
+                    ) -> list[tuple[int, int]]:
+    """``[(start, length), ...]`` rows of a validation pass over ``dataset``.
+
+    ``max_tokens == 0`` (or at least the split's size): the whole split in contiguous rows, the last one
+    shorter, so every token after the first is scored exactly once and every document contributes.
+    Otherwise a fixed sample of about ``max_tokens`` tokens in rows of ``seq_len`` drawn from *every*
+    document: each document gets a share of the rows proportional to its length (at least one while there
+    are rows for all), at seeded random offsets inside it (``numpy.random.RandomState(seed)``).
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0 (0 = the whole split), got {max_tokens}")
+    n = len(dataset)
+    if n < 2:
+        return []
+    if max_tokens == 0 or max_tokens >= n - 1:
+        return [(s, min(seq_len, n - 1 - s)) for s in range(0, n - 1, seq_len)]
+    T = min(seq_len, n - 1)
+    rows = max(1, max_tokens // T)
+    starts = dataset.doc_starts
+    lengths = np.diff(np.append(starts, n)).astype(np.float64)
+    share = rows * lengths / lengths.sum()
+    count = np.floor(share).astype(np.int64)
+    if rows >= len(starts):
+        count = np.maximum(count, 1)
+    # largest remainders fill up (or, after the minimum of one, the longest documents give back) the total
+    order = np.argsort(-(share - np.floor(share)), kind="stable")
+    i = 0
+    while count.sum() < rows:
+        count[order[i % len(order)]] += 1
+        i += 1
+    by_length = np.argsort(-lengths, kind="stable")
+    i = 0
+    while count.sum() > rows:
+        d = by_length[i % len(by_length)]
+        if count[d] > 1 or rows < len(starts):
+            count[d] -= 1
+        i += 1
+    rng = np.random.RandomState(seed)
+    out = []
+    for d in range(len(starts)):
+        if count[d] == 0:
+            continue
+        lo = int(starts[d])
+        hi = max(lo, min(int(starts[d] + lengths[d]) - T, n - 1 - T))  # last start still inside the doc
+        out.extend((int(s), T) for s in np.sort(rng.randint(lo, hi + 1, size=int(count[d]))))
+    return out
+
+
+def validation_batches(dataset: TokenDataset, batch_size: int, rows: list[tuple[int, int]], *,
+                       rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+    """Batches of ``rows`` (from :func:`validation_rows`); rows of equal length are batched together, and
+    rank ``r`` of ``world_size`` takes every ``world_size``-th batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    by_len: dict[int, list[int]] = {}
+    for start, length in rows:
+        by_len.setdefault(length, []).append(start)
+    index = 0
+    for length in sorted(by_len, reverse=True):
+        group = by_len[length]
+        for i in range(0, len(group), batch_size):
+            if index % world_size == rank:
+                yield build_rows(dataset, group[i:i + batch_size], length)
+            index += 1
+
+
+def documents_covered(dataset: TokenDataset, rows: list[tuple[int, int]]) -> list[int]:
+    """Indices of the documents with at least one scored target in ``rows`` (a row starting at ``s`` scores
+    stream tokens ``s + 1 .. s + length``; a document's first token is never a target)."""
+    starts = dataset.doc_starts
+    ends = np.append(starts[1:], len(dataset))
+    covered = np.zeros(len(starts), dtype=bool)
+    for start, length in rows:
+        lo, hi = start + 1, start + length  # inclusive target range
+        first = max(int(np.searchsorted(starts, lo, side="right")) - 1, 0)
+        last = int(np.searchsorted(starts, hi, side="right")) - 1
+        for d in range(first, last + 1):
+            covered[d] |= max(lo, int(starts[d]) + 1) <= min(hi, int(ends[d]) - 1)
+    return np.flatnonzero(covered).tolist()

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -114,8 +114,9 @@ class _SplitWriter:
         self.starts: list[int] = []
         self.tokens = 0
         self.bytes = 0
+        self.keys: list[str] = []
 
-    def add(self, ids: list[int], text_bytes: int) -> None:
+    def add(self, ids: list[int], text_bytes: int, key: str | None = None) -> None:
         array = np.empty(len(ids) + 1, dtype=self.dtype)
         array[:-1] = ids
         array[-1] = self.eos_id
@@ -123,6 +124,8 @@ class _SplitWriter:
         self.starts.append(self.tokens)
         self.tokens += len(array)
         self.bytes += text_bytes
+        if key is not None:
+            self.keys.append(key)
 
 
 def _batched(docs: Iterator[Document]) -> Iterator[list[Document]]:
@@ -235,7 +238,7 @@ def _encode_shards(
         bar = stack.enter_context(tqdm(docs, desc="tokenizing", unit="doc", disable=not show, total=total))
         for batch in _batched(iter(bar)):
             for doc, ids in zip(batch, tok.encode_batch([d.text for d in batch]), strict=True):
-                writers[split_of(doc.key, val_fraction)].add(ids, len(doc.text.encode("utf-8")))
+                writers[split_of(doc.key, val_fraction)].add(ids, len(doc.text.encode("utf-8")), doc.key)
         for writer in writers.values():
             writer.handle.flush()
             os.fsync(writer.handle.fileno())
@@ -275,6 +278,8 @@ def prepare(
     eos_token: str | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> Path:
     """Tokenize ``source`` into shards in ``out`` and return ``out`` as a Path.
 
@@ -285,7 +290,8 @@ def prepare(
     ignored; ``eos_token`` picks its separator token). Empty / whitespace-only documents are skipped.
     ``max_docs`` / ``max_bytes`` limit the documents read (before the split). If ``out`` already holds a
     different preparation, raises ValueError unless ``overwrite``. Deterministic: the same input gives
-    byte-identical files. ``progress``: tqdm bars (default: when stderr is a terminal).
+    byte-identical files. ``progress``: tqdm bars (default: when stderr is a terminal). ``include`` /
+    ``exclude``: globs on the relative path or file name of local files (a directory is read recursively).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"validation fraction must be in [0, 1), got {val_fraction}")
@@ -298,7 +304,8 @@ def prepare(
         raise ValueError(f"output path {out} exists and is not a directory")
 
     text_source = resolve_source(
-        source, text_field=text_field, hf_split=hf_split, hf_config=hf_config, streaming=streaming
+        source, text_field=text_field, hf_split=hf_split, hf_config=hf_config, streaming=streaming,
+        include=include, exclude=exclude,
     )
     config: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -354,6 +361,8 @@ def prepare(
                     "docs": len(writers[split].starts),
                     "tokens": writers[split].tokens,
                     "text_bytes": writers[split].bytes,
+                    # which documents validation scores, by name (train's list could be huge)
+                    **({"doc_keys": writers[split].keys} if split == "val" else {}),
                 }
                 for split in SPLITS
             },

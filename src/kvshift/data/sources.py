@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,34 +112,72 @@ def _glob_base(pattern: str) -> Path:
     return Path(*base) if base else Path(".")
 
 
-def _expand_local(source: str) -> tuple[list[Path], Path]:
-    """Resolve a local file, directory or glob into a sorted file list and the base dir used for keys."""
+STRUCTURED_SUFFIXES = (".jsonl", ".parquet")
+
+
+def _matches(rel: str, patterns: Sequence[str]) -> bool:
+    """``rel`` (a posix path relative to the source) matches a glob by its full path or its file name."""
+    name = rel.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _filter(paths: list[Path], base: Path, include: Sequence[str], exclude: Sequence[str]) -> list[Path]:
+    out = []
+    for p in paths:
+        try:
+            rel = p.relative_to(base).as_posix()
+        except ValueError:
+            rel = p.as_posix()
+        if include and not _matches(rel, include):
+            continue
+        if exclude and _matches(rel, exclude):
+            continue
+        out.append(p)
+    return out
+
+
+def _expand_local(source: str, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> tuple[list[Path], Path]:
+    """Resolve a local file, directory or glob into a sorted file list and the base dir used for keys.
+
+    A directory is read recursively in sorted order, skipping hidden files and folders (names starting with
+    ``.``, such as ``.git``); ``include`` / ``exclude`` globs filter by relative path or file name.
+    """
     expanded = os.path.expanduser(source)
     if glob.has_magic(expanded):
+        base = _glob_base(expanded)
         matches = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
         if not matches:
             raise FileNotFoundError(f"no files match the glob {source!r}")
-        unsupported = [str(p) for p in matches if p.suffix not in SUPPORTED_SUFFIXES]
-        if unsupported:
-            raise ValueError(
-                f"unsupported file type(s) matched by {source!r}: {unsupported[:5]}"
-                f"{' ...' if len(unsupported) > 5 else ''}; supported: {', '.join(SUPPORTED_SUFFIXES)}"
-            )
-        return matches, _glob_base(expanded)
+        matches = _filter(matches, base, include, exclude)
+        if not matches:
+            raise FileNotFoundError(f"no files matched by {source!r} pass --include/--exclude")
+        return matches, base
     path = Path(expanded)
     if path.is_dir():
-        matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED_SUFFIXES)
+        matches = sorted(
+            p for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not matches:
-            raise FileNotFoundError(f"directory {source!r} contains no {'/'.join(SUPPORTED_SUFFIXES)} files")
+            raise FileNotFoundError(f"directory {source!r} contains no files")
+        matches = _filter(matches, path, include, exclude)
+        if not matches:
+            raise FileNotFoundError(f"directory {source!r} contains no files that pass --include/--exclude")
         return matches, path
     if path.is_file():
-        if path.suffix not in SUPPORTED_SUFFIXES:
-            raise ValueError(
-                f"unsupported file type {path.suffix or '(none)'!r} for {source!r}; "
-                f"supported: {', '.join(SUPPORTED_SUFFIXES)}"
-            )
         return [path], path.parent
     raise FileNotFoundError(f"source path does not exist: {source!r}")
+
+
+def _plain_text(path: Path) -> tuple[str | None, str | None]:
+    """``(text, None)`` for a UTF-8 text file, ``(None, "binary" | "non-UTF-8")`` otherwise."""
+    data = path.read_bytes()
+    if b"\x00" in data[:8192]:
+        return None, "binary"
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return None, "non-UTF-8"
 
 
 def _import_pyarrow_parquet() -> Any:
@@ -161,19 +200,35 @@ def _field_value(value: Any, text_field: str, where: str) -> str:
 
 
 class FileSource(TextSource):
-    """Local files: ``.txt`` = one document per file, ``.jsonl`` = one per line, ``.parquet`` = one per row.
+    """Local files: ``.jsonl`` = one document per line, ``.parquet`` = one per row, any other file = one
+    plain-text document (source code, Markdown, ``.txt``...).
 
-    ``.txt`` files are decoded as UTF-8 with ``errors="replace"`` (bytes are read as-is, so ``\\r\\n`` is
-    kept). For ``.jsonl`` and ``.parquet`` the document is the string in ``text_field``; blank jsonl lines are
-    skipped. Keys are ``<path relative to the source base>`` (txt) or ``<relative path>:<line/row number>``.
+    Plain-text files must be UTF-8 (bytes are read as-is, so ``\\r\\n`` is kept); binary files (a NUL byte in
+    the first 8 KiB) and non-UTF-8 files are skipped and counted in ``skipped`` (never mixed in). For
+    ``.jsonl`` and ``.parquet`` the document is the string in ``text_field``; blank jsonl lines are skipped.
+    Keys are ``<path relative to the source base>`` (text) or ``<relative path>:<line/row number>``.
     """
 
     kind = "files"
 
-    def __init__(self, source: str, *, text_field: str = "text") -> None:
+    def __init__(self, source: str, *, text_field: str = "text", include: Sequence[str] = (),
+                 exclude: Sequence[str] = ()) -> None:
         self.source = source
         self.text_field = text_field
-        self.files, self.base = _expand_local(source)
+        self.include, self.exclude = list(include), list(exclude)
+        files, self.base = _expand_local(source, self.include, self.exclude)
+        self.skipped: dict[str, int] = {"binary": 0, "non-UTF-8": 0}
+        self.files = []
+        for path in files:
+            if path.suffix not in STRUCTURED_SUFFIXES:
+                _, why = _plain_text(path)
+                if why is not None:
+                    self.skipped[why] += 1
+                    continue
+            self.files.append(path)
+        if not self.files:
+            raise ValueError(f"{source!r}: every file was skipped ({self.skipped['binary']} binary, "
+                             f"{self.skipped['non-UTF-8']} not UTF-8); nothing to prepare")
         if any(p.suffix == ".parquet" for p in self.files):
             pq = _import_pyarrow_parquet()
             for path in self.files:
@@ -194,12 +249,14 @@ class FileSource(TextSource):
     def __iter__(self) -> Iterator[Document]:
         for path in self.files:
             rel = self._rel(path)
-            if path.suffix == ".txt":
-                yield Document(key=rel, text=path.read_bytes().decode("utf-8", errors="replace"))
-            elif path.suffix == ".jsonl":
+            if path.suffix == ".jsonl":
                 yield from self._iter_jsonl(path, rel)
-            else:
+            elif path.suffix == ".parquet":
                 yield from self._iter_parquet(path, rel)
+            else:
+                text, _ = _plain_text(path)
+                if text is not None:  # checked at construction; a file changed since is skipped, not mixed in
+                    yield Document(key=rel, text=text)
 
     def _iter_jsonl(self, path: Path, rel: str) -> Iterator[Document]:
         with open(path, "rb") as handle:
@@ -232,7 +289,9 @@ class FileSource(TextSource):
                 row += 1
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "files": len(self.files), "text_field": self.text_field}
+        return {"kind": self.kind, "files": len(self.files), "text_field": self.text_field,
+                "include": self.include, "exclude": self.exclude,
+                "skipped_binary": self.skipped["binary"], "skipped_non_utf8": self.skipped["non-UTF-8"]}
 
 
 class HFDatasetSource(TextSource):
@@ -311,6 +370,8 @@ def resolve_source(
     hf_split: str = "train",
     hf_config: str | None = None,
     streaming: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> TextSource:
     """Turn a ``--source`` string into a :class:`TextSource`.
 
@@ -332,10 +393,12 @@ def resolve_source(
             streaming=streaming,
         )
     if source.startswith(FILE_PREFIX):
-        return FileSource(source[len(FILE_PREFIX) :], text_field=text_field)
+        return FileSource(source[len(FILE_PREFIX) :], text_field=text_field, include=include, exclude=exclude)
     expanded = os.path.expanduser(source)
     if glob.has_magic(expanded) or os.path.exists(expanded) or _looks_like_path(source):
-        return FileSource(source, text_field=text_field)
+        return FileSource(source, text_field=text_field, include=include, exclude=exclude)
+    if include or exclude:
+        raise ValueError("--include / --exclude filter local files; the source is not a local path")
     return HFDatasetSource(
         source, text_field=text_field, config=hf_config, split=hf_split, streaming=streaming
     )

@@ -182,3 +182,28 @@ def load_tokenizer(spec: str, *, eos_token: str | None = None) -> TextTokenizer:
     if spec.startswith(("/", "./", "../", "~")) or spec.endswith(".json"):
         raise FileNotFoundError(f"tokenizer path does not exist: {spec!r}")
     return _from_transformers(spec, spec, eos_token)
+
+
+def byte_level_token_lengths(tokenizer_file: str | os.PathLike, vocab_size: int):
+    """``[vocab_size]`` int64 array of the bytes each id decodes to, for a byte-level BPE ``tokenizer.json``
+    (each symbol of the byte-level alphabet is one byte; added/special tokens count 0); None otherwise."""
+    import numpy as np
+
+    path = Path(tokenizer_file)
+    if not path.exists():
+        return None
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    decoder = spec.get("decoder") or {}
+    kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", []) or []}
+    vocab = (spec.get("model") or {}).get("vocab")
+    if "ByteLevel" not in kinds or not isinstance(vocab, dict):
+        return None
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    out = np.zeros(vocab_size, dtype=np.int64)
+    special = {t["content"] for t in spec.get("added_tokens", [])}
+    for token, idx in vocab.items():
+        if idx < vocab_size and token not in special:
+            if not set(token) <= alphabet:
+                return None
+            out[idx] = len(token)
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -226,6 +226,22 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.lm_head = value
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """Transformers' cache set-up, then every KV-shift layer's cache slot upgraded at once.
+
+        Assisted decoding and prompt lookup call ``cache.activate_past_recording()`` before the prefill;
+        a layer that is still a plain cache layer then would not record the raw rows a rollback needs.
+        """
+        out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if isinstance(cache, Cache):
+            for i, layer in enumerate(self.model.layers):
+                if layer.self_attn.use_kv_shift:
+                    kv_shift_layer_state(cache, i)
+            if getattr(generation_config, "is_assistant", False):  # transformers asked before the upgrade
+                cache.activate_past_recording()
+        return out
 
     def kv_shift_weights(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Effective ``{layer: (k_weight, v_weight)}``, each ``[num_key_value_heads, 2]`` = (current, previous)."""

@@ -42,7 +42,11 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 16  # rows per process per micro-step
     grad_accum: int = 1
-    val_batches: int = 8
+    # Validation: 0 = the whole val split (every document, every token once); N = a fixed seeded sample
+    # of about N tokens drawn from every val document. val_curve_tokens sizes the evaluations during
+    # training (0 = the same as val_tokens); the final evaluation always uses val_tokens.
+    val_tokens: int = 0
+    val_curve_tokens: int = 0
     val_batch_size: int = 16
     byte_files: int = 60
 

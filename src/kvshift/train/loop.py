@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..layers.attention import is_shift_parameter
 from ..models import KVShiftConfig, KVShiftForCausalLM
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig, config_to_dict
@@ -79,24 +80,48 @@ def _nll_sum(model, batch, device, autocast) -> tuple[torch.Tensor, int]:
     return loss, int((labels != -100).sum())
 
 
-@torch.no_grad()
-def evaluate(model, dataset, cfg: TrainConfig, info: DistInfo, autocast) -> dict:
-    """Validation loss (nats/token) and bits per byte over the first ``data.val_batches`` batches."""
-    from ..data.packing import val_batches
+def validation_set(dataset, cfg: TrainConfig, final: bool = True) -> dict:
+    """The rows a validation pass scores and what they cover (see :func:`kvshift.data.validation_rows`)."""
+    from ..data.packing import documents_covered, validation_rows
 
+    budget = cfg.data.val_tokens if final or not cfg.data.val_curve_tokens else cfg.data.val_curve_tokens
+    rows = validation_rows(dataset, cfg.data.seq_len, budget, seed=cfg.seed)
+    docs = documents_covered(dataset, rows)
+    keys = dataset.doc_keys() if hasattr(dataset, "doc_keys") else None
+    return {"rows": rows, "mode": "whole split" if budget == 0 or budget >= len(dataset) - 1 else "sample",
+            "budget_tokens": budget, "split_tokens": len(dataset), "split_docs": dataset.num_docs,
+            "docs_covered": len(docs), "doc_keys": [keys[d] for d in docs] if keys else docs}
+
+
+@torch.no_grad()
+def evaluate(model, dataset, cfg: TrainConfig, info: DistInfo, autocast, final: bool = True,
+             val_set: dict | None = None) -> dict:
+    """Validation loss (nats per target token) and bits per byte (the target tokens' UTF-8 bytes) over the
+    val set of ``cfg.data`` (the whole split by default); ``final=False`` uses ``val_curve_tokens``."""
+    from ..data.packing import validation_batches
+
+    val_set = val_set if val_set is not None else validation_set(dataset, cfg, final)
+    byte_len = dataset.token_byte_lengths() if hasattr(dataset, "token_byte_lengths") else None
+    byte_len = torch.from_numpy(byte_len) if byte_len is not None else None
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=info.device)
-    for batch in val_batches(dataset, cfg.data.val_batch_size, cfg.data.seq_len, cfg.data.val_batches,
-                             rank=info.rank, world_size=info.world_size):
+    total = torch.zeros(3, dtype=torch.float64, device=info.device)  # nats, targets, bytes
+    for batch in validation_batches(dataset, cfg.data.val_batch_size, val_set["rows"],
+                                    rank=info.rank, world_size=info.world_size):
         nll, count = _nll_sum(model, batch, info.device, autocast)
-        total += torch.tensor([float(nll), count], dtype=torch.float64, device=info.device)
+        labels = batch["labels"]
+        nbytes = float(byte_len[labels[labels != -100]].sum()) if byte_len is not None else 0.0
+        total += torch.tensor([float(nll), count, nbytes], dtype=torch.float64, device=info.device)
     model.train()
     all_reduce_sum(total, info)
     loss = float(total[0] / total[1].clamp(min=1))
-    split = dataset.meta.get("splits", {}).get(dataset.split, {})
-    bytes_per_token = split.get("text_bytes", 0) / max(1, split.get("tokens", 1))
-    bpb = loss / math.log(2) / bytes_per_token if bytes_per_token > 0 else float("nan")
-    return {"val_loss": loss, "val_bpb": bpb, "val_tokens": int(total[1])}
+    if byte_len is not None and float(total[2]) > 0:
+        bpb = float(total[0]) / math.log(2) / float(total[2])
+    else:  # no per-token byte table: the split's average bytes per token
+        split = dataset.meta.get("splits", {}).get(dataset.split, {})
+        bytes_per_token = split.get("text_bytes", 0) / max(1, split.get("tokens", 1))
+        bpb = loss / math.log(2) / bytes_per_token if bytes_per_token > 0 else float("nan")
+    return {"val_loss": loss, "val_bpb": bpb, "val_tokens": int(total[1]), "val_bytes": int(total[2]),
+            "val_docs": val_set["docs_covered"], "val_mode": val_set["mode"]}
 
 
 class _Logger:
@@ -175,7 +200,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: str | os.PathLik
     train_ds, val_ds = load_datasets(cfg)
     base = build_model_for_data(cfg, train_ds.vocab_size, train_ds.eos_id).to(info.device)
     for name, p in base.named_parameters():  # the shift scalars stay fp32 whatever the compute dtype
-        if name.endswith("_shift"):
+        if is_shift_parameter(name):
             p.data = p.data.float()
     model = wrap_model(base, cfg, info)
     optimizer = build_optimizer(model, cfg.optim)
@@ -230,6 +255,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: str | os.PathLik
 
     losses: list[float] = []
     last_eval: dict = {}
+    curve_set = None
     t0 = time.perf_counter()
     model.train()
     try:
@@ -267,7 +293,10 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: str | os.PathLik
                                   "tokens": done * tokens_per_step,
                                   "tokens_per_s": (done - start_step) * tokens_per_step / max(elapsed, 1e-9)})
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                last_eval = evaluate(model, val_ds, cfg, info, autocast)
+                final_eval = done == cfg.steps
+                if final_eval or curve_set is None:
+                    curve_set = validation_set(val_ds, cfg, final=final_eval)
+                last_eval = evaluate(model, val_ds, cfg, info, autocast, val_set=curve_set)
                 logger.log(done, last_eval, echo=info.is_main and not cfg.progress)
             if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == end_step:
                 checkpoint(done)
@@ -278,6 +307,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: str | os.PathLik
 
     summary = {"steps": end_step, "losses": losses, "final_loss": losses[-1] if losses else None,
                "tokens": end_step * tokens_per_step, "seconds": time.perf_counter() - t0, **last_eval}
+    if curve_set is not None:  # which documents and how many tokens the last validation scored
+        summary["validation"] = {k: v for k, v in curve_set.items() if k != "rows"}
     if end_step == cfg.steps:
         state = get_model_state_dict(model, options=opts)
         if info.is_main:

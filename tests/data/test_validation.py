@@ -1,0 +1,101 @@
+"""Validation covers every val document: the whole split by default, or a seeded sample from every document."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvshift.data import TokenDataset, prepare
+from kvshift.data.packing import documents_covered, validation_batches, validation_rows
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Val documents of very different lengths, the first few long (as the stdlib's codec tables are)."""
+    root = tmp_path_factory.mktemp("val")
+    src = root / "corpus"
+    src.mkdir()
+    rng = np.random.default_rng(2)
+    words = ["alpha", "beta", "gamma", "delta", "\n", "7", "ü"]
+    for i in range(120):
+        n = int(rng.choice([2, 10, 60, 400]))
+        (src / f"{i:03d}.txt").write_text(f"doc{i} " + " ".join(words[int(j)] for j in rng.integers(0, 7, n)))
+    return prepare(str(src), root / "out", vocab_size=300, val_fraction=0.3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def val(data_dir) -> TokenDataset:
+    return TokenDataset(data_dir, "val")
+
+
+def _targets(ds, rows):
+    """Stream indices of every scored target, with repeats."""
+    return [t for start, length in rows for t in range(start + 1, start + length + 1)]
+
+
+def test_whole_split_scores_every_token_once_and_every_document(val):
+    rows = validation_rows(val, SEQ)
+    targets = _targets(val, rows)
+    assert sorted(targets) == list(range(1, len(val)))  # each token after the first, exactly once
+    assert documents_covered(val, rows) == [d for d in range(val.num_docs)
+                                            if (np.append(val.doc_starts[1:], len(val)) - val.doc_starts)[d] > 1]
+    # the batches hold exactly those rows (the last one shorter) and label every non-boundary target
+    n_labels = sum(int((b["labels"] != -100).sum()) for b in validation_batches(val, 4, rows))
+    assert n_labels == len(val) - val.num_docs  # every token but each document's first
+
+
+def test_sample_draws_from_every_document_and_is_seeded(val):
+    budget = 50 * SEQ
+    assert val.num_docs <= 50 and budget < len(val) // 2  # a real sample, yet a row for every document
+    rows = validation_rows(val, SEQ, budget, seed=3)
+    assert len(rows) == budget // SEQ and all(length == SEQ for _, length in rows)
+    assert documents_covered(val, rows) == list(range(val.num_docs))
+    assert rows == validation_rows(val, SEQ, budget, seed=3)
+    assert rows != validation_rows(val, SEQ, budget, seed=4)
+    starts = val.doc_starts
+    for d in range(val.num_docs):  # every document has a row starting inside it
+        end = starts[d + 1] if d + 1 < val.num_docs else len(val)
+        assert any(starts[d] <= s < end for s, _ in rows), d
+
+
+def test_sample_budget_larger_than_split_is_the_whole_split(val):
+    assert validation_rows(val, SEQ, 10 * len(val)) == validation_rows(val, SEQ)
+    with pytest.raises(ValueError, match="max_tokens"):
+        validation_rows(val, SEQ, -1)
+
+
+def test_val_doc_names_recorded_and_bytes_per_token_exact(data_dir, val):
+    meta = json.loads((data_dir / "meta.json").read_text())
+    keys = val.doc_keys()
+    assert keys is not None and len(keys) == val.num_docs and all(k.endswith(".txt") for k in keys)
+    assert "doc_keys" not in meta["splits"]["train"]
+    lengths = val.token_byte_lengths()
+    assert int(lengths[np.asarray(val.tokens, dtype=np.int64)].sum()) == meta["splits"]["val"]["text_bytes"]
+
+
+def test_trainer_validates_on_the_whole_split_and_records_it(data_dir, tmp_path):
+    from kvshift.train.config import apply_overrides
+    from kvshift.train.loop import train
+    from kvshift.train.recipes import get_recipe
+
+    cfg = apply_overrides(get_recipe("tiny"), [
+        "data.source=prepared", f"data.path={data_dir}", "data.seq_len=32", "steps=2", "eval_every=1",
+        "data.val_curve_tokens=64", "tensorboard=false", "progress=false"])
+    summary = train(cfg, tmp_path / "run")
+    val = TokenDataset(data_dir, "val")
+    assert summary["val_tokens"] == len(val) - val.num_docs
+    assert summary["val_docs"] == summary["validation"]["split_docs"] == val.num_docs
+    assert summary["validation"]["mode"] == "whole split"
+    assert sorted(summary["validation"]["doc_keys"]) == sorted(val.doc_keys())
+    # bits per byte from the targets' own bytes
+    assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / math.log(2) * summary["val_tokens"]
+                                               / summary["val_bytes"])
+    curve = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in curve if "val_loss" in r]
+    assert [r["val_mode"] for r in evals] == ["sample", "whole split"]
