@@ -174,7 +174,6 @@ def test_constrained_parametrizations(param):
         (dict(kv_shift_init="uniform"), "kv_shift_init"),
         (dict(kv_shift=[True]), "kv_shift"),
         (dict(kv_shift_position="middle"), "kv_shift_position"),
-        (dict(not_a_field=3), "not_a_field"),
     ],
 )
 def test_bad_config(kwargs, arg):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.attention import attention
+from ..ops.attention import attention_backend
 from ..ops.kv_shift import kv_shift_rope, kv_shift_step
 from ..ops.rope import apply_rope
 
@@ -69,6 +69,9 @@ class KVShiftAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True  # read by transformers' attention backends
         self.use_kv_shift = config.layer_has_kv_shift(layer_idx)
         self.shift_position = config.kv_shift_position
         self.parametrization = config.kv_shift_parametrization
@@ -140,13 +143,19 @@ class KVShiftAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
+        attention_mask=None,
         cache=None,
         pad_mask: torch.Tensor | None = None,
         reset_mask: torch.Tensor | None = None,
         shift_state=None,
-    ) -> torch.Tensor:
-        """``shift_state``: this layer's decode state (raw previous k/v) when a cache is used."""
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(output [B, T, hidden], attention weights or None)``; the shift is applied before any backend.
+
+        ``attention_mask`` is whatever transformers' mask creation made for ``config._attn_implementation``
+        (a 4-D mask, a FlexAttention ``BlockMask`` or None); ``shift_state``: this layer's decode state (raw
+        previous k/v) when a cache is used; ``kwargs`` go to the attention backend (e.g. ``position_ids``).
+        """
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)  # [B, T, H, D]
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
@@ -159,8 +168,9 @@ class KVShiftAttention(nn.Module):
             k, v = apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        out = attention(
-            q, k, v, mask=attention_mask, scale=self.scaling,
-            dropout_p=self.config.attention_dropout if self.training else 0.0,
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        backend = attention_backend(getattr(self.config, "_attn_implementation", None))
+        out, weights = backend(
+            self, q, k, v, attention_mask, scaling=self.scaling,
+            dropout=self.attention_dropout if self.training else 0.0, **kwargs,
+        )  # [B, T, H, D]
+        return self.o_proj(out.reshape(B, T, -1)), weights

@@ -19,9 +19,10 @@ class DecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings, attention_mask=None, cache=None,
-                pad_mask=None, reset_mask=None, shift_state=None) -> torch.Tensor:
-        h = hidden_states + self.self_attn(
+                pad_mask=None, reset_mask=None, shift_state=None, **kwargs) -> torch.Tensor:
+        attn, _ = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, pad_mask, reset_mask,
-            shift_state,
+            shift_state, **kwargs,
         )
+        h = hidden_states + attn
         return h + self.mlp(self.post_attention_layernorm(h))

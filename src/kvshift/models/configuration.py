@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+
 from huggingface_hub.dataclasses import strict
 from transformers import GenerationConfig, PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["KVShiftConfig", "KV_SHIFT_INITS", "KV_SHIFT_POSITIONS"]
 
@@ -73,11 +78,13 @@ class KVShiftConfig(PreTrainedConfig):
             if not k.startswith("_") and k not in _PASS_THROUGH_KEYS
             and k not in GenerationConfig._get_default_generation_params()
         )
-        if unknown:
-            raise ValueError(
-                f"KVShiftConfig got unknown field(s) {unknown}; valid fields are "
-                f"{sorted(f for f in self.__dataclass_fields__)}"
-            )
+        for key in unknown:
+            # Kept as a plain attribute, as every transformers config does (a config that save_pretrained
+            # wrote must load), but a name close to a real field is most likely a typo: say so.
+            close = difflib.get_close_matches(key, list(self.__dataclass_fields__), n=1, cutoff=0.8)
+            if close:
+                logger.warning(f"KVShiftConfig: unknown field {key!r} kept as an attribute; did you mean "
+                               f"{close[0]!r}?")
         for key in ("rope_scaling", "rope_parameters", "partial_rotary_factor", "layer_types"):
             # Llama-style rope dicts carry rope_theta; other RoPE variants are not supported here.
             value = kwargs.pop(key, None)

@@ -8,6 +8,8 @@ from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from ..layers.attention import KVShiftAttention, init_shift_weight, shift_generator
 from ..layers.block import DecoderLayer
@@ -78,10 +80,11 @@ class KVShiftPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
-    _supports_flash_attn = False
-    _supports_flex_attn = False
+    _supports_flash_attn = True
+    _supports_flex_attn = True
     _can_compile_fullgraph = True
-    _supports_attention_backend = False
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": DecoderLayer, "attentions": KVShiftAttention}
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -118,6 +121,7 @@ class KVShiftModel(KVShiftPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -127,10 +131,11 @@ class KVShiftModel(KVShiftPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
         cache=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """Hidden states of the decoder stack. ``output_hidden_states`` / ``output_attentions`` /
+        ``return_dict`` come from the keyword or, when not given, from the config (transformers' rule)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if cache is not None and past_key_values is not None and cache is not past_key_values:
@@ -187,20 +192,15 @@ class KVShiftModel(KVShiftPreTrainedModel):
 
         hidden = inputs_embeds
         position_embeddings = rope_cos_sin(position_ids, self.inv_freq, hidden.dtype)
-        all_hidden = [] if output_hidden_states else None
+        # what the attention backends may use besides the mask (flash-attention's varlen path reads
+        # position_ids when there is no mask)
+        backend_kwargs = {"position_ids": position_ids}
         for i, layer in enumerate(self.layers):
-            if all_hidden is not None:
-                all_hidden.append(hidden)
             state = kv_shift_layer_state(cache, i) if cache is not None and layer.self_attn.use_kv_shift else None
-            hidden = layer(hidden, position_embeddings, causal_mask, cache, pad_mask, reset_mask, state)
+            hidden = layer(hidden, position_embeddings, causal_mask, cache, pad_mask, reset_mask, state,
+                           **backend_kwargs)
         hidden = self.norm(hidden)
-        if all_hidden is not None:
-            all_hidden.append(hidden)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden,
-            cache=cache if use_cache else None,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
 
 
 class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
@@ -252,6 +252,7 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
                 out[i] = (w[0].detach().float().cpu(), w[1].detach().float().cpu())
         return out
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -263,15 +264,15 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         cache=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """Logits (and the loss with ``labels``); output flags and ``return_dict`` as in transformers."""
+        flags = {k: kwargs.pop(k) for k in ("output_hidden_states", "output_attentions") if k in kwargs}
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            cu_seqlens=cu_seqlens, output_hidden_states=output_hidden_states, cache=cache,
+            cu_seqlens=cu_seqlens, cache=cache, return_dict=True, **flags,
         )
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -282,8 +283,5 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
-                                     hidden_states=outputs.hidden_states)
-        if return_dict is False:
-            return out.to_tuple()
-        return out
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
