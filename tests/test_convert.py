@@ -173,10 +173,10 @@ def test_bad_inputs_leave_no_output(tmp_path, capsys, monkeypatch):
     assert main(["convert", "--from", str(tmp_path / "empty"), "--to", str(tmp_path / "out")]) == 2
     assert "not a Hugging Face model directory" in capsys.readouterr().err
     _no_leftovers(tmp_path, "out")
-    # an unsupported RoPE variant
+    # an unsupported RoPE variant (partial rotation)
     src = build_source("llama_mha")
-    src.config.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
-    with pytest.raises(ValueError, match="RoPE type 'linear'"):
+    src.config.partial_rotary_factor = 0.5
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
         convert_checkpoint(src, tmp_path / "out")
     _no_leftovers(tmp_path, "out")
     # a tokenizer larger than the model's vocabulary

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.kv_shift import kv_shift
-from ..ops.rope import apply_rope, rope_cos_sin
+from ..ops.rope import apply_rope
 
 __all__ = ["shift_table", "attention_maps", "head_scores", "repeated_sequence_loss"]
 
@@ -60,7 +60,7 @@ def attention_maps(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
     maps = []
     for i, layer in enumerate(model.model.layers):
         attn, x = layer.self_attn, captured[i]
-        cos, sin = rope_cos_sin(pos, model.model.inv_freq, x.dtype)
+        cos, sin = model.model.rotary_emb(x, pos)
         q = apply_rope(attn.q_proj(x).view(B, T, attn.num_heads, attn.head_dim), cos, sin)
         k = attn.k_proj(x).view(B, T, attn.num_kv_heads, attn.head_dim)
         if attn.use_kv_shift:

@@ -62,6 +62,7 @@ class KVShiftConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 2
     tie_word_embeddings: bool = False
     rope_theta: float = 10000.0
+    rope_parameters: dict | None = None
     attention_bias: bool = False
     qkv_bias: bool = False
     attention_dropout: float = 0.0
@@ -85,15 +86,11 @@ class KVShiftConfig(PreTrainedConfig):
             if close:
                 logger.warning(f"KVShiftConfig: unknown field {key!r} kept as an attribute; did you mean "
                                f"{close[0]!r}?")
-        for key in ("rope_scaling", "rope_parameters", "partial_rotary_factor", "layer_types"):
-            # Llama-style rope dicts carry rope_theta; other RoPE variants are not supported here.
-            value = kwargs.pop(key, None)
-            if key == "rope_parameters" and isinstance(value, dict):
-                if value.get("rope_type", "default") != "default":
-                    raise ValueError(f"rope_parameters: only the default RoPE is supported, got {value}")
-                self.rope_theta = float(value.get("rope_theta", self.rope_theta))
-            elif key == "rope_scaling" and value:
-                raise ValueError(f"rope_scaling is not supported by KVShiftConfig, got {value}")
+        # rope_parameters / legacy rope_scaling are standardised by transformers (super().__post_init__)
+        partial = kwargs.pop("partial_rotary_factor", None)
+        if partial not in (None, 1, 1.0):
+            raise ValueError(f"partial_rotary_factor={partial} is not supported (kvshift rotates every channel)")
+        kwargs.pop("layer_types", None)
         for key in ("pretraining_tp", "max_window_layers", "use_sliding_window"):
             kwargs.pop(key, None)
         if self.num_key_value_heads is None:
@@ -103,7 +100,17 @@ class KVShiftConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if isinstance(self.kv_shift, (list, tuple)):
             self.kv_shift = [bool(v) for v in self.kv_shift]
+        if isinstance(self.rope_parameters, dict):
+            self.rope_parameters = dict(self.rope_parameters)  # never alias the caller's dict
         super().__post_init__(**kwargs)
+        # one source of truth: rope_parameters (transformers' format); rope_theta mirrors it
+        self.rope_parameters.setdefault("rope_type", "default")
+        self.rope_theta = float(self.rope_parameters.get("rope_theta", self.rope_theta))
+        self.rope_parameters["rope_theta"] = self.rope_theta
+        try:
+            self.validate_rope()
+        except (KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"rope_parameters {self.rope_parameters} are invalid: {err}") from err
 
     def _check(self) -> None:
         def positive(name):

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from ..layers.attention import init_shift_weight, is_shift_parameter
-from ..ops.rope import rope_inv_freq
 from .configuration import KV_SHIFT_INITS, KVShiftConfig
 from .modeling import KVShiftForCausalLM
 
@@ -71,21 +70,18 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
 
 
-def _rope_theta(config) -> float:
+def _rope_parameters(config) -> dict:
+    """The source's RoPE in transformers' standard form (``rope_type``, ``rope_theta``, scaling fields)."""
     rope = getattr(config, "rope_parameters", None)
     if isinstance(rope, dict) and rope:
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(
-                f"cannot convert: RoPE type {rope_type!r} ({rope}) is not supported, kvshift models use the "
-                "default RoPE only"
-            )
-        if "rope_theta" in rope:
-            return float(rope["rope_theta"])
-    scaling = getattr(config, "rope_scaling", None)
-    if scaling:
-        raise ValueError(f"cannot convert: rope_scaling {scaling} is not supported (default RoPE only)")
-    return float(getattr(config, "rope_theta", None) or 10000.0)
+        if any(isinstance(v, dict) for v in rope.values()):
+            raise ValueError(f"cannot convert: per-layer-type RoPE parameters ({rope}) are not supported")
+        out = dict(rope)
+    else:
+        out = dict(getattr(config, "rope_scaling", None) or {})
+    out.setdefault("rope_type", out.pop("type", "default"))
+    out.setdefault("rope_theta", float(getattr(config, "rope_theta", None) or 10000.0))
+    return out
 
 
 def _sliding_window(config, model_type: str) -> int | None:
@@ -135,7 +131,7 @@ def kvshift_config_from(config, init: str = "identity") -> KVShiftConfig:
         bos_token_id=getattr(config, "bos_token_id", None),
         eos_token_id=getattr(config, "eos_token_id", None),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        rope_theta=_rope_theta(config),
+        rope_parameters=_rope_parameters(config),
         attention_bias=bool(getattr(config, "attention_bias", False)) if model_type == "llama" else False,
         qkv_bias=model_type == "qwen2",
         attention_dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
@@ -201,9 +197,10 @@ def _convert_model(source: nn.Module, init: str, dtype: torch.dtype | None, *, s
             for name in ("k_shift", "v_shift"):
                 w = init_shift_weight(attn.num_kv_heads, init, attn.parametrization, generator=generator)
                 setattr(attn, name, nn.Parameter(w.to(device=device, dtype=dtype)))
-    model.model.register_buffer(
-        "inv_freq", rope_inv_freq(config.head_dim, config.rope_theta, device=device), persistent=False
-    )
+    rotary = model.model.rotary_emb
+    inv_freq, _ = rotary.compute_inv_freq(device)
+    rotary.register_buffer("inv_freq", inv_freq, persistent=False)
+    rotary.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"conversion left tensors unset: {left}")

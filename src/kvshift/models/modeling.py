@@ -14,8 +14,8 @@ from transformers.utils.output_capturing import capture_outputs
 from ..layers.attention import KVShiftAttention, init_shift_weight, shift_generator
 from ..layers.block import DecoderLayer
 from ..layers.norm import RMSNorm
+from ..layers.rope import RotaryEmbedding
 from ..ops.kv_shift.reference import validate_cu_seqlens
-from ..ops.rope import rope_cos_sin, rope_inv_freq
 from .cache import kv_shift_layer_state
 from .configuration import KVShiftConfig
 
@@ -96,10 +96,11 @@ class KVShiftPreTrainedModel(PreTrainedModel):
                 init.copy_(p, init_shift_weight(
                     module.num_kv_heads, self.config.kv_shift_init, module.parametrization, generator=g
                 ).to(p.device, p.dtype))
-        if isinstance(module, KVShiftModel):
-            # a non-persistent buffer: from_pretrained materializes it with torch.empty_like, so set it here
-            init.copy_(module.inv_freq, rope_inv_freq(self.config.head_dim, self.config.rope_theta).to(
-                module.inv_freq.device))
+        if isinstance(module, RotaryEmbedding):
+            # non-persistent buffers: from_pretrained materializes them with torch.empty_like, so set them here
+            inv_freq, _ = module.compute_inv_freq()
+            init.copy_(module.inv_freq, inv_freq.to(module.inv_freq.device))
+            init.copy_(module.original_inv_freq, inv_freq.to(module.original_inv_freq.device))
 
 
 class KVShiftModel(KVShiftPreTrainedModel):
@@ -111,7 +112,7 @@ class KVShiftModel(KVShiftPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
+        self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -191,7 +192,7 @@ class KVShiftModel(KVShiftPreTrainedModel):
         causal_mask = make_mask(**mask_kwargs)
 
         hidden = inputs_embeds
-        position_embeddings = rope_cos_sin(position_ids, self.inv_freq, hidden.dtype)
+        position_embeddings = self.rotary_emb(hidden, position_ids)
         # what the attention backends may use besides the mask (flash-attention's varlen path reads
         # position_ids when there is no mask)
         backend_kwargs = {"position_ids": position_ids}
