@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("kvshift.generate_cli", "generate text with a saved model"),
     "eval": ("kvshift.eval.cli", "evaluate a saved model with lm-evaluation-harness"),
     "bench": ("kvshift.bench.cli", "benchmarks: ratios against vanilla attention"),
-    "convert": ("kvshift.models.convert", "convert a Llama / Qwen2 / Mistral checkpoint"),
+    "convert": ("kvshift.models.convert", "convert a Llama / Qwen2 / Qwen3 / Mistral checkpoint"),
 }
 
 

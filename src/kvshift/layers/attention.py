@@ -8,6 +8,7 @@ from torch import nn
 from ..ops.attention import attention_backend
 from ..ops.kv_shift import kv_shift_rope, kv_shift_step
 from ..ops.rope import apply_rope
+from .norm import RMSNorm
 
 __all__ = ["KVShiftAttention", "init_shift_weight", "shift_generator", "is_shift_parameter"]
 
@@ -81,6 +82,10 @@ class KVShiftAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, Hkv * D, bias=qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, Hkv * D, bias=qkv_bias)
         self.o_proj = nn.Linear(H * D, config.hidden_size, bias=config.attention_bias)
+        # per-head RMSNorm of queries and keys (Qwen3); on keys it acts after the shift, before RoPE
+        qk_norm = getattr(config, "qk_norm", False)
+        self.q_norm = RMSNorm(D, eps=config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(D, eps=config.rms_norm_eps) if qk_norm else None
         if self.use_kv_shift:
             self.k_shift = nn.Parameter(torch.empty(Hkv, 2))
             self.v_shift = nn.Parameter(torch.empty(Hkv, 2))
@@ -121,19 +126,22 @@ class KVShiftAttention(nn.Module):
         k_w, v_w = self.shift_weights()
         prev_k, prev_v = state.shift_last() if state is not None else (None, None)  # [B, 1, Hkv, D]
         if self.shift_position == "post_rope":
-            k = apply_rope(k, cos, sin)
+            k = apply_rope(self.k_norm(k) if self.k_norm is not None else k, cos, sin)
         raw_k, raw_v = k, v  # the raw (pre-shift) rows are the next chunk's predecessors
         if T == 1 and prev_k is not None and reset_mask is None:  # a decode step: two small ops per tensor
             k, v = kv_shift_step(k, k_w, prev_k), kv_shift_step(v, v_w, prev_v)
             if self.shift_position == "pre_rope":
-                k = apply_rope(k, cos, sin)
+                k = apply_rope(self.k_norm(k) if self.k_norm is not None else k, cos, sin)
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         else:  # one fused pass per tensor on CUDA (shift, RoPE for pre-RoPE keys, layout change)
             if prev_k is not None:
                 prev_k, prev_v = prev_k[:, 0], prev_v[:, 0]
             masks = dict(attention_mask=pad_mask, reset_mask=reset_mask, backend=self.kv_shift_backend)
-            rope = (cos, sin) if self.shift_position == "pre_rope" else (None, None)
-            k = kv_shift_rope(k, k_w, *rope, prev=prev_k, **masks)
+            norm_then_rope = self.shift_position == "pre_rope" and self.k_norm is not None
+            rope = (cos, sin) if self.shift_position == "pre_rope" and not norm_then_rope else (None, None)
+            k = kv_shift_rope(k, k_w, *rope, prev=prev_k, **masks)  # [B, Hkv, T, D]
+            if norm_then_rope:  # QK-norm: shift, then normalise the mixed key, then rotate
+                k = apply_rope(self.k_norm(k).transpose(1, 2), cos, sin).transpose(1, 2)
             v = kv_shift_rope(v, v_w, prev=prev_v, **masks)
         if state is not None:  # after the shift: a static cache overwrites the state in place
             state.push_shift_state(raw_k, raw_v, pad_mask)
@@ -161,10 +169,13 @@ class KVShiftAttention(nn.Module):
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
         cos, sin = position_embeddings
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, H, T, D]
         if self.use_kv_shift:
             k, v = self._shift_kv(k, v, cos, sin, pad_mask, reset_mask, shift_state)
         else:
+            k = self.k_norm(k) if self.k_norm is not None else k
             k, v = apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)

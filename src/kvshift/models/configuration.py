@@ -40,6 +40,9 @@ class KVShiftConfig(PreTrainedConfig):
     - ``kv_shift_parametrization``: ``"free"`` (paper), ``"gate"`` (current = sigmoid(a), previous =
       1 - current) or ``"clamp"`` (each weight clamped to [0, 1]); the ablations of the paper's §4.7.
     - ``qkv_bias``: bias on q/k/v projections only (Qwen2); ``attention_bias`` adds it to all four (Llama).
+    - ``qk_norm``: per-head RMSNorm on queries and keys (Qwen3). On keys it acts on the *shifted* key,
+      before RoPE (shift -> k-norm -> RoPE, BlaGPT's order; with ``post_rope``: k-norm -> RoPE -> shift),
+      so the attention logits stay bounded as QK-norm intends; the decode state keeps the raw projection.
     """
 
     model_type = "kvshift"
@@ -65,6 +68,7 @@ class KVShiftConfig(PreTrainedConfig):
     rope_parameters: dict | None = None
     attention_bias: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False
     attention_dropout: float = 0.0
     mlp_bias: bool = False
     sliding_window: int | None = None

@@ -1,4 +1,4 @@
-"""`kvshift convert`: turn a Llama / Qwen2 / Mistral causal LM into a `KVShiftForCausalLM` checkpoint.
+"""`kvshift convert`: turn a Llama / Qwen2 / Qwen3 / Mistral causal LM into a `KVShiftForCausalLM` checkpoint.
 
 The converted model has the source's weights under the same names plus the KV-shift weights
 ``model.layers.{i}.self_attn.k_shift/v_shift``. With ``init="identity"`` (current token 1, previous 0)
@@ -29,6 +29,7 @@ __all__ = ["SUPPORTED_ARCHITECTURES", "convert_checkpoint", "kvshift_config_from
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
 }
 _SUPPORTED_NAMES = ", ".join(SUPPORTED_ARCHITECTURES.values())
@@ -89,7 +90,7 @@ def _sliding_window(config, model_type: str) -> int | None:
         return None
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         if not getattr(config, "use_sliding_window", False):
             return None
         kinds = set(layer_types or ["sliding_attention"])
@@ -106,7 +107,7 @@ def _sliding_window(config, model_type: str) -> int | None:
 
 
 def kvshift_config_from(config, init: str = "identity") -> KVShiftConfig:
-    """A :class:`KVShiftConfig` with the hyper-parameters of a Llama / Qwen2 / Mistral config."""
+    """A :class:`KVShiftConfig` with the hyper-parameters of a Llama / Qwen2 / Qwen3 / Mistral config."""
     model_type = _check_architecture(config)
     if init not in KV_SHIFT_INITS:
         raise ValueError(f"init must be one of {KV_SHIFT_INITS}, got {init!r}")
@@ -132,8 +133,9 @@ def kvshift_config_from(config, init: str = "identity") -> KVShiftConfig:
         eos_token_id=getattr(config, "eos_token_id", None),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         rope_parameters=_rope_parameters(config),
-        attention_bias=bool(getattr(config, "attention_bias", False)) if model_type == "llama" else False,
+        attention_bias=bool(getattr(config, "attention_bias", False)) if model_type in ("llama", "qwen3") else False,
         qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
         attention_dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
         mlp_bias=bool(getattr(config, "mlp_bias", False)) if model_type == "llama" else False,
         sliding_window=_sliding_window(config, model_type),
@@ -298,7 +300,7 @@ def convert_checkpoint(
     seed: int | None = None,
     overwrite: bool = False,
 ) -> KVShiftForCausalLM:
-    """Convert a Llama / Qwen2 / Mistral causal LM to a :class:`KVShiftForCausalLM`.
+    """Convert a Llama / Qwen2 / Qwen3 / Mistral causal LM to a :class:`KVShiftForCausalLM`.
 
     Args:
         source: a local checkpoint directory or hub id (loaded with ``AutoModelForCausalLM``), or a

@@ -7,6 +7,11 @@ from torch import nn
 from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
@@ -19,7 +24,8 @@ from ..ops.kv_shift.reference import validate_cu_seqlens
 from .cache import kv_shift_layer_state
 from .configuration import KVShiftConfig
 
-__all__ = ["KVShiftPreTrainedModel", "KVShiftModel", "KVShiftForCausalLM", "position_ids_from_cu_seqlens"]
+__all__ = ["KVShiftPreTrainedModel", "KVShiftModel", "KVShiftForCausalLM", "KVShiftForSequenceClassification",
+           "KVShiftForTokenClassification", "KVShiftForQuestionAnswering", "position_ids_from_cu_seqlens"]
 
 
 def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -286,3 +292,15 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+class KVShiftForSequenceClassification(GenericForSequenceClassification, KVShiftPreTrainedModel):
+    """Sequence classification on the last non-pad token (transformers' generic head over KVShiftModel)."""
+
+
+class KVShiftForTokenClassification(GenericForTokenClassification, KVShiftPreTrainedModel):
+    """Per-token classification (transformers' generic head over KVShiftModel)."""
+
+
+class KVShiftForQuestionAnswering(GenericForQuestionAnswering, KVShiftPreTrainedModel):
+    """Extractive QA start/end logits (transformers' generic head over KVShiftModel)."""

@@ -24,7 +24,7 @@ def tiny() -> TrainConfig:
 
 def stdlib_small() -> TrainConfig:
     """`kvshift compare` default, sized for <= 30 min on 2 CPU cores for 3 arms x 6 seeds: 2 layers, d 128,
-    440 steps of 8 x 128 tokens (0.45M tokens per run) on the prepared stdlib corpus (BPE 8192), the final
+    400 steps of 8 x 128 tokens (0.41M tokens per run) on the prepared stdlib corpus (BPE 8192), the final
     evaluation on the whole val split. The budget goes to tokens and seeds, not width: on this corpus the
     picture changes with training length, and a paired claim needs >= 6 seeds."""
     return TrainConfig(
@@ -34,7 +34,7 @@ def stdlib_small() -> TrainConfig:
         data=DataConfig(source="prepared", path="data/stdlib", seq_len=128, batch_size=8, val_batch_size=16,
                         val_tokens=0, val_curve_tokens=16384),
         optim=OptimConfig(lr=3e-3, warmup_steps=25, weight_decay=0.1, schedule="cosine"),
-        steps=440, eval_every=40, log_every=10,
+        steps=400, eval_every=40, log_every=10,
     )
 
 
