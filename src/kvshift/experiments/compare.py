@@ -75,6 +75,10 @@ def _p(value) -> str:
     return f"{value:.2g}" if value < 0.01 else f"{value:.2f}"
 
 
+def _val_words(validation: dict) -> str:
+    return "the whole val split" if validation.get("mode") == "whole split" else "a fixed sample of the val split"
+
+
 def _probe(model, cfg, val_ds) -> dict:
     """Copying probes on held-out real text (see :mod:`kvshift.eval.probes`)."""
     from ..data.packing import validation_batches, validation_rows
@@ -169,7 +173,7 @@ def compare(recipe: str, seeds: int, out: str | Path, data: str | None = None, o
         f"recipe {recipe}: {base.model.num_hidden_layers} layers, d {base.model.hidden_size}, T {base.data.seq_len}, "
         f"{base.steps} steps, {tokens:,} training tokens per run, {seeds} seeds per arm; one seed = the same "
         "initialisation of every shared weight and the same data order in every arm",
-        f"validation: {validation.get('mode', '?')} of the val split ({runs[ARM_VANILLA][0]['val_tokens']:,} target "
+        f"validation: {_val_words(validation)} ({runs[ARM_VANILLA][0]['val_tokens']:,} target "
         f"tokens, {validation.get('docs_covered', '?')} of {validation.get('split_docs', '?')} documents)",
     ]
     for arm, st in paired.items():
@@ -195,7 +199,7 @@ def compare(recipe: str, seeds: int, out: str | Path, data: str | None = None, o
             s = st[key]
             md += (f"| {arm} | {label} | {s['mean_diff']:+.4f} | {s['std_diff']:.4f} | {_p(s['p_value_t'])} | "
                    f"{_p(s['p_value_permutation'])} | {s['kvshift_better_in']} of {s['n']} |\n")
-    md += f"\n## Per seed (val loss, {validation.get('mode', '?')} of the val split)\n\n| seed | " + " | ".join(arms) + " |\n|" + "---|" * (
+    md += f"\n## Per seed (val loss, {_val_words(validation)})\n\n| seed | " + " | ".join(arms) + " |\n|" + "---|" * (
         len(arms) + 1) + "\n"
     for i in range(seeds):
         md += f"| {i} | " + " | ".join(f"{runs[a][i]['val_loss']:.4f}" for a in arms) + " |\n"

@@ -165,9 +165,10 @@ class KVShiftAttention(nn.Module):
         previous k/v) when a cache is used; ``kwargs`` go to the attention backend (e.g. ``position_ids``).
         """
         B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)  # [B, T, H, D]
-        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
-        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        # heads by -1: under tensor parallelism a rank holds only its share of the heads
+        q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim)  # [B, T, H, D]
+        k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim)  # [B, T, Hkv, D]
+        v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim)
         cos, sin = position_embeddings
         if self.q_norm is not None:
             q = self.q_norm(q)

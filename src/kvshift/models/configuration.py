@@ -47,6 +47,22 @@ class KVShiftConfig(PreTrainedConfig):
 
     model_type = "kvshift"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun): Llama's plan, plus the
+    # per-KV-head shift weights sharded with the K/V heads they mix (dim 0), used locally by their layer.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.k_shift": "colwise",
+        "layers.*.self_attn.v_shift": "colwise",
+        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn": "local_params",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
 
     vocab_size: int = 32000
     hidden_size: int = 4096

@@ -214,6 +214,7 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
     """Llama-style causal LM with KV shifting attention; parameter names follow ``LlamaForCausalLM``."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: KVShiftConfig) -> None:
         super().__init__(config)
