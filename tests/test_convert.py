@@ -150,7 +150,7 @@ def _no_leftovers(parent, name):
 def test_unsupported_architecture(tmp_path, capsys):
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
-    msg = "LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM"
+    msg = "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM"
     with pytest.raises(ValueError, match=msg):
         convert_checkpoint(gpt2, tmp_path / "out")
     _no_leftovers(tmp_path, "out")

@@ -151,13 +151,13 @@ def bench_decode(spec: dict, device: torch.device, dtype: torch.dtype, batch_siz
             for name, model in models.items():
                 caches[name] = (StaticCache(config=model.config, max_cache_len=prompt + new_tokens) if compile
                                 else DynamicCache(config=model.config))
-                model(ids, past_key_values=caches[name], use_cache=True)
+                model(ids, cache=caches[name], use_cache=True)
             for i in range(new_tokens):
                 pos = torch.full((B, 1), prompt + i, device=device)
                 for name in models if (r + i) % 2 == 0 else reversed(models):
                     _sync(device)
                     t = time.perf_counter()
-                    steps_fn[name](nxt, past_key_values=caches[name], position_ids=pos, use_cache=True)
+                    steps_fn[name](nxt, cache=caches[name], position_ids=pos, use_cache=True)
                     _sync(device)
                     if r > 0:
                         times[name].append((time.perf_counter() - t) * 1e3)

@@ -38,6 +38,17 @@ def _register_auto_classes() -> None:
             auto.register(KVShiftConfig, cls)
         except ValueError:
             pass
+    # transformers also keeps name tables of in-tree models (what is a base model, what takes labels); its
+    # own tests and tools read them. The lazy Auto mappings only see names that CONFIG_MAPPING_NAMES lists,
+    # so these entries change nothing there; they let name-based checks treat kvshift like Llama.
+    from transformers.models.auto import modeling_auto as names
+
+    for table, cls in [(names.MODEL_MAPPING_NAMES, KVShiftModel),
+                       (names.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, KVShiftForCausalLM),
+                       (names.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, KVShiftForSequenceClassification),
+                       (names.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES, KVShiftForTokenClassification),
+                       (names.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES, KVShiftForQuestionAnswering)]:
+        table.setdefault(KVShiftConfig.model_type, cls.__name__)
 
 
 _register_auto_classes()

@@ -47,22 +47,21 @@ class KVShiftConfig(PreTrainedConfig):
 
     model_type = "kvshift"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
-    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun): Llama's plan, plus the
-    # per-KV-head shift weights sharded with the K/V heads they mix (dim 0), used locally by their layer.
-    base_model_tp_plan = {
-        "layers.*.self_attn.q_proj": "colwise",
-        "layers.*.self_attn.k_proj": "colwise",
-        "layers.*.self_attn.v_proj": "colwise",
-        "layers.*.self_attn.k_shift": "colwise",
-        "layers.*.self_attn.v_shift": "colwise",
-        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
-        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
-        "layers.*.self_attn": "local_params",
-        "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.mlp.gate_proj": "colwise",
-        "layers.*.mlp.up_proj": "colwise",
-        "layers.*.mlp.down_proj": "rowwise",
-    }
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor-parallel plan (`from_pretrained(..., tp_plan="auto")` under torchrun): Llama's, plus the
+        per-KV-head shift weights sharded with the K/V heads they mix (dim 0) and used locally by their
+        layer; entries only for parameters this config has."""
+        attn, mlp = "layers.*.self_attn", "layers.*.mlp"
+        plan = {f"{attn}.q_proj": "colwise", f"{attn}.k_proj": "colwise", f"{attn}.v_proj": "colwise"}
+        if getattr(self, "qk_norm", False):
+            plan.update({f"{attn}.q_norm": "replicated_with_grad_allreduce",
+                         f"{attn}.k_norm": "replicated_with_grad_allreduce"})
+        if any(self.layer_has_kv_shift(i) for i in range(self.num_hidden_layers)):
+            plan.update({f"{attn}.k_shift": "colwise", f"{attn}.v_shift": "colwise", attn: "local_params"})
+        plan.update({f"{attn}.o_proj": "rowwise", f"{mlp}.gate_proj": "colwise", f"{mlp}.up_proj": "colwise",
+                     f"{mlp}.down_proj": "rowwise"})
+        return plan
 
     vocab_size: int = 32000
     hidden_size: int = 4096

@@ -14,6 +14,7 @@ from transformers.modeling_layers import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
 from ..layers.attention import KVShiftAttention, init_shift_weight, shift_generator
@@ -128,26 +129,23 @@ class KVShiftModel(KVShiftPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
-        cache=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Hidden states of the decoder stack. ``output_hidden_states`` / ``output_attentions`` /
         ``return_dict`` come from the keyword or, when not given, from the config (transformers' rule)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if cache is not None and past_key_values is not None and cache is not past_key_values:
-            raise ValueError("pass the cache as either `cache` or `past_key_values`, not both")
-        cache = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
@@ -260,26 +258,26 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
                 out[i] = (w[0].detach().float().cpu(), w[1].detach().float().cpu())
         return out
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        cu_seqlens: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        cache=None,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (and the loss with ``labels``); output flags and ``return_dict`` as in transformers."""
         flags = {k: kwargs.pop(k) for k in ("output_hidden_states", "output_attentions") if k in kwargs}
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache,
             cu_seqlens=cu_seqlens, cache=cache, return_dict=True, **flags,
         )
         hidden = outputs.last_hidden_state
