@@ -99,3 +99,13 @@ def test_trainer_validates_on_the_whole_split_and_records_it(data_dir, tmp_path)
     curve = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in curve if "val_loss" in r]
     assert [r["val_mode"] for r in evals] == ["sample", "whole split"]
+
+
+def test_deprecated_val_batches_becomes_a_sample_from_every_document():
+    from kvshift.train.config import apply_overrides
+    from kvshift.train.recipes import get_recipe
+
+    cfg = apply_overrides(get_recipe("tiny"), ["data.val_batches=2", "data.val_batch_size=4", "data.seq_len=32"])
+    assert cfg.validation_budget() == 2 * 4 * 32
+    with pytest.raises(ValueError, match="data.val_tokens"):
+        apply_overrides(get_recipe("tiny"), ["data.val_tokens=-1"])

@@ -48,6 +48,9 @@ class DataConfig:
     val_tokens: int = 0
     val_curve_tokens: int = 0
     val_batch_size: int = 16
+    # deprecated: N > 0 sets val_tokens to N x val_batch_size x seq_len (a sample from every document,
+    # no longer the first N batches of the split)
+    val_batches: int = 0
     byte_files: int = 60
 
 
@@ -115,6 +118,18 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(obj, name)}")
         if not 0 <= self.optim.decay_frac <= 1:
             raise ValueError(f"optim.decay_frac must be in [0, 1], got {self.optim.decay_frac}")
+        for key in ("data.val_tokens", "data.val_curve_tokens", "data.val_batches"):
+            obj, name = _resolve(self, key)
+            if getattr(obj, name) < 0:
+                raise ValueError(f"{key} must be >= 0 (0 = the whole val split), got {getattr(obj, name)}")
+        if self.data.val_batch_size < 1:
+            raise ValueError(f"data.val_batch_size must be >= 1, got {self.data.val_batch_size}")
+
+    def validation_budget(self, final: bool = True) -> int:
+        """Tokens of one validation pass (0 = the whole val split); see the DataConfig fields."""
+        d = self.data
+        full = d.val_tokens or (d.val_batches * d.val_batch_size * d.seq_len)
+        return full if final or not d.val_curve_tokens else d.val_curve_tokens
 
 
 def _resolve(cfg: Any, dotted: str) -> tuple[Any, str]:

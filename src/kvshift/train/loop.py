@@ -84,7 +84,7 @@ def validation_set(dataset, cfg: TrainConfig, final: bool = True) -> dict:
     """The rows a validation pass scores and what they cover (see :func:`kvshift.data.validation_rows`)."""
     from ..data.packing import documents_covered, validation_rows
 
-    budget = cfg.data.val_tokens if final or not cfg.data.val_curve_tokens else cfg.data.val_curve_tokens
+    budget = cfg.validation_budget(final)
     rows = validation_rows(dataset, cfg.data.seq_len, budget, seed=cfg.seed)
     docs = documents_covered(dataset, rows)
     keys = dataset.doc_keys() if hasattr(dataset, "doc_keys") else None
