@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from kvshift.bench.common import markdown_table, time_fn
+from kvshift.bench.common import time_fn
 from kvshift.bench.op import bench_op
 from kvshift.bench.peers import kv_shift_pad_slice, kv_shift_unfold
 from kvshift.ops.kv_shift.reference import kv_shift_ref
+from kvshift.report import markdown_table
 
 
 @pytest.mark.parametrize("peer", [kv_shift_unfold, kv_shift_pad_slice])
@@ -23,7 +24,7 @@ def test_peer_equals_reference(peer, shape):
 
 
 def test_markdown_table():
-    table = markdown_table([{"a": 1, "b": 0.12345}, {"a": 2}], ["a", "b"])
+    table = markdown_table([{"a": 1, "b": 0.12345}, {"a": 2}], ["a", "b"], digits=3)
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.123 |", "| 2 |  |"]
 
 

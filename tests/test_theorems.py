@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kvshift.experiments.common import ROW_COLUMNS, markdown_table, mean_std, write_results
+from kvshift.experiments.common import ROW_COLUMNS, write_results
 from kvshift.experiments.theorem2 import (
     evaluate_theorem2,
     ih_reference,
@@ -18,6 +18,7 @@ from kvshift.experiments.theorem2 import (
     theorem2_head,
 )
 from kvshift.experiments.theorem3 import gradient_flow, run_theorem3, theorem3_grid, theorem3_loss
+from kvshift.report import markdown_table, mean_std
 from kvshift.tasks import InductionTask
 
 FILES = ("results.json", "results.md", "config.json")
@@ -164,7 +165,7 @@ def test_run_theorem2_quick(tmp_path) -> None:
         seq_len=64,
     )
     payload = _check_outputs(out, "theorem2", "theorem2.png")
-    assert res["markdown"] == markdown_table(payload["rows"])
+    assert res["markdown"] == markdown_table(payload["rows"], ROW_COLUMNS)
     acc = {
         (r["model"], r["kv_shift"]): r["mean"] for r in payload["rows"] if r["metric"] == "induction accuracy"
     }
@@ -186,7 +187,7 @@ def test_common_helpers(tmp_path) -> None:
     rows = [
         {"model": "a|b", "layers": 1, "kv_shift": True, "metric": "acc", "mean": 0.5, "std": 1e-5, "seeds": 3}
     ]
-    md = markdown_table(rows)
+    md = markdown_table(rows, ROW_COLUMNS)
     assert md.splitlines()[2] == "| a\\|b | 1 | yes | acc | 0.5000 | 1.000e-05 | 3 |"
     payload = write_results(
         tmp_path / "r", "demo", rows, {"x": (1, 2)}, {"notes": "hello", "value": float("nan")}

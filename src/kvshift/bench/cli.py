@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .common import hardware_info, markdown_table
+from ..report import environment, markdown_table
 
 __all__ = ["add_arguments", "run", "run_benchmarks"]
 
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _table(rows: list[dict]) -> str:
     cols = [c for c in rows[0] if c != "bench"]
-    return markdown_table(rows, cols)
+    return markdown_table(rows, cols, digits=3).rstrip("\n")
 
 
 def run_benchmarks(what: str, device: torch.device, rounds: int | None = None) -> dict[str, list[dict]]:
@@ -54,7 +54,7 @@ def run_benchmarks(what: str, device: torch.device, rounds: int | None = None) -
 
 
 def _save(folder: Path, name: str, text: str, payload: dict) -> None:
-    from ..experiments.common import atomic_write_text
+    from ..report import atomic_write_text
 
     atomic_write_text(folder / f"{name}.md", text)
     atomic_write_text(folder / f"{name}.json", json.dumps(payload, indent=2) + "\n")
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         what = "all"
     else:
         what = args.what
-    hw = hardware_info()
+    hw = environment()
     results = run_benchmarks(what, device, args.rounds)
     lines = [f"# kvshift bench {what} ({device.type})", "", *[f"- {k}: {v}" for k, v in hw.items()], ""]
     for name, rows in results.items():

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.kv_shift import kv_shift, kv_shift_rope
-from .common import hardware_info, markdown_table, time_fn
+from ..report import environment, markdown_table
+from .common import time_fn
 from .peers import kv_shift_pad_slice, kv_shift_unfold
 
 __all__ = ["bench_op", "main", "GPU_SHAPES", "CPU_SHAPES"]
@@ -129,10 +130,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     rows = bench_op(dtype=dtype, device=args.device, warmup=args.warmup, iters=args.iters)
-    hw = hardware_info()
+    hw = environment()
     print("\n".join(f"- {k}: {v}" for k, v in hw.items()))
     print()
-    print(markdown_table(rows, columns(rows)))
+    print(markdown_table(rows, columns(rows), digits=3))
     print(json.dumps({"bench": "op", "hardware": hw, "rows": rows}))
     return rows
 

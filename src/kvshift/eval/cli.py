@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 
 __all__ = ["add_arguments", "run", "evaluate"]
@@ -112,15 +109,9 @@ def evaluate(
 def _write_json(path: Path, obj) -> None:
     from lm_eval.utils import handle_non_serializable
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ..report import atomic_write_json
+
+    atomic_write_json(path, obj, default=handle_non_serializable, strict=False)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -109,10 +109,11 @@ def compare(recipe: str, seeds: int, out: str | Path, data: str | None = None, o
     from ..eval.heads import shift_table
     from ..models import KVShiftForCausalLM
     from ..models.configuration import KV_SHIFT_INITS
+    from ..report import atomic_write_text, mean_std
     from ..train.config import apply_overrides, config_to_dict
     from ..train.loop import load_datasets, train
     from ..train.recipes import get_recipe
-    from .common import atomic_write_text, mean_std, write_results
+    from .common import write_results
 
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
@@ -222,7 +223,7 @@ def compare(recipe: str, seeds: int, out: str | Path, data: str | None = None, o
 def _plot(runs: dict[str, list[dict]], recipe: str, path: Path) -> None:
     import numpy as np
 
-    from .common import get_pyplot, save_figure
+    from ..report import get_pyplot, save_figure
 
     plt = get_pyplot()
     fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4.2))

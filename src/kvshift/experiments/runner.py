@@ -10,7 +10,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..eval.heads import head_scores, shift_table
-from .common import get_pyplot, mean_std, save_figure, write_results
+from ..report import get_pyplot, mean_std, save_figure
+from .common import write_results
 from .synthetic import ModelSpec, RunSpec, steps_to_reach, train_on_task
 
 __all__ = ["run_task_experiment", "analysis_markdown"]
@@ -90,7 +91,7 @@ def run_task_experiment(
     _plot_curves(out / "curves.png", name, runs, metric_name)
     md = (out / "results.md").read_text()
     md += "\n" + analysis_markdown(analysis)
-    from .common import atomic_write_text
+    from ..report import atomic_write_text
 
     atomic_write_text(out / "results.md", md)
     return payload

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
+from ..report import atomic_write_text, get_pyplot, mean_std, save_figure
 from ..tasks.hopk import HopKTask, error_rate_by_k
 from ..tasks.induction import InductionTask, induction_accuracy, masked_accuracy
 from ..tasks.ngram import NGramTask, ngram_accuracy
-from .common import atomic_write_text, get_pyplot, mean_std, save_figure
 from .runner import run_task_experiment
 from .synthetic import ModelSpec, RunSpec
 

@@ -35,8 +35,9 @@ from typing import Any
 import torch
 
 from ..ops.kv_shift import kv_shift_ref
+from ..report import get_pyplot, markdown_table, mean_std, save_figure
 from ..tasks.induction import InductionTask
-from .common import get_pyplot, markdown_table, mean_std, save_figure, write_results
+from .common import ROW_COLUMNS, write_results
 
 __all__ = [
     "KEY_SHIFT",
@@ -404,7 +405,7 @@ def run_theorem2(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     payload = write_results(out, "theorem2", rows, cfg, extra)
-    md = markdown_table(rows)
+    md = markdown_table(rows, ROW_COLUMNS)
     if verbose:
         print(md)
     return {**payload, "markdown": md, "out_dir": str(out)}

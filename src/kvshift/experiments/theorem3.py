@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from .common import get_pyplot, markdown_table, mean_std, save_figure, write_results
+from ..report import get_pyplot, markdown_table, mean_std, save_figure
+from .common import ROW_COLUMNS, write_results
 
 __all__ = ["gradient_flow", "run_theorem3", "theorem3_loss", "theorem3_grid"]
 
@@ -233,7 +234,7 @@ def run_theorem3(
     ]
     extra = {"per_o": per_o, "plot": plot.name, "notes": notes, "seconds": round(time.perf_counter() - t0, 2)}
     payload = write_results(out, "theorem3", rows, config, extra)
-    md = markdown_table(rows)
+    md = markdown_table(rows, ROW_COLUMNS)
     if verbose:
         print(md)
     return {**payload, "markdown": md, "out_dir": str(out)}
