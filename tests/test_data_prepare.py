@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kvshift.commands.data import add_prepare_arguments, main, run_prepare
 from kvshift.data import TokenDataset, load_tokenizer, prepare, read_meta, token_dtype
-from kvshift.data.cli import add_prepare_arguments, main, run_prepare
 from kvshift.data.shards import split_of
 
 VOCAB = 400

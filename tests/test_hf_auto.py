@@ -123,7 +123,7 @@ def test_directory_that_is_not_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises((OSError, ValueError), match="config.json"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
-    from kvshift.generate_cli import check_model_dir
+    from kvshift.models.loading import check_model_dir
 
     with pytest.raises(ValueError, match="not a model directory"):
         check_model_dir(tmp_path)
@@ -142,14 +142,14 @@ def test_config_with_unknown_fields_loads(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert AutoConfig.from_pretrained(tmp_path).not_a_field == 3
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config.not_a_field == 3
-    from kvshift.generate_cli import check_model_dir
+    from kvshift.models.loading import check_model_dir
 
     check_model_dir(tmp_path)
 
 
 def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path):
     save_tiny(tmp_path, vocab_size=97)  # tokenizer has 300 tokens
-    from kvshift.generate_cli import check_model_dir
+    from kvshift.models.loading import check_model_dir
 
     with pytest.raises(ValueError, match=r"300 tokens.*vocab_size is 97"):
         check_model_dir(tmp_path)

@@ -1,7 +1,7 @@
 """`kvshift <command>`: reproduce, train, compare, data, generate, eval, bench, convert.
 
-Each command lives in its own module, which exposes ``add_arguments(parser)`` and ``run(args) -> int``;
-modules are imported only when their command runs, so ``kvshift --help`` stays fast.
+Each command lives in its own module of :mod:`kvshift.commands`, which exposes ``add_arguments(parser)``
+and ``run(args) -> int``; modules are imported only when their command runs, so ``kvshift --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -10,26 +10,20 @@ import argparse
 import importlib
 import sys
 
-# command -> (module, help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "reproduce": ("kvshift.experiments.cli", "run a paper experiment (induction, ngram, hopk, theorems)"),
-    "train": ("kvshift.train.cli", "train a language model from a recipe"),
-    "compare": ("kvshift.experiments.compare", "multi-seed vanilla vs KV-shifting comparison"),
-    "data": ("kvshift.data.cli", "prepare token shards from a corpus"),
-    "generate": ("kvshift.generate_cli", "generate text with a saved model"),
-    "eval": ("kvshift.eval.cli", "evaluate a saved model with lm-evaluation-harness"),
-    "bench": ("kvshift.bench.cli", "benchmarks: ratios against vanilla attention"),
-    "convert": ("kvshift.models.convert", "convert a Llama / Qwen2 / Qwen3 / Mistral checkpoint"),
-}
+from .commands import COMMANDS
+
+
+def _module(command: str) -> str:
+    return f"kvshift.commands.{command}"
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvshift", description="KV shifting attention toolkit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_) in COMMANDS.items():
+    for name, help_ in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         if name == command:  # only the chosen command's module is imported
-            importlib.import_module(module).add_arguments(p)
+            importlib.import_module(_module(name)).add_arguments(p)
     return parser
 
 
@@ -41,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    module = importlib.import_module(COMMANDS[args.command][0])
+    module = importlib.import_module(_module(args.command))
     try:
         return int(module.run(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as err:

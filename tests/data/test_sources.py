@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from kvshift.commands.data import main
 from kvshift.data import TokenDataset, prepare
-from kvshift.data.cli import main
 from kvshift.data.sources import FileSource
 
 

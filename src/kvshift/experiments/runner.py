@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..eval.heads import head_scores, shift_table
 from ..report import get_pyplot, mean_std, save_figure
 from .common import write_results
-from .synthetic import ModelSpec, RunSpec, steps_to_reach, train_on_task
+from .toy_train import ModelSpec, RunSpec, steps_to_reach, train_on_task
 
 __all__ = ["run_task_experiment", "analysis_markdown"]
 

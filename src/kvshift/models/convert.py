@@ -9,7 +9,6 @@ atomically: a failure leaves no partial directory behind.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import shutil
@@ -23,7 +22,7 @@ from ..layers.attention import init_shift_weight, is_shift_parameter
 from .configuration import KV_SHIFT_INITS, KVShiftConfig
 from .modeling import KVShiftForCausalLM
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "convert_checkpoint", "kvshift_config_from", "add_arguments", "run"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "convert_checkpoint", "kvshift_config_from"]
 
 # model_type -> architecture (the causal-LM class whose weights we know how to map)
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -340,25 +339,3 @@ def convert_checkpoint(
 
 
 # --- CLI ------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="source", required=True, metavar="PATH_OR_ID",
-                        help=f"source checkpoint directory or hub id ({_SUPPORTED_NAMES})")
-    parser.add_argument("--to", dest="out_dir", required=True, metavar="DIR",
-                        help="output directory (written atomically; must not exist or be empty)")
-    parser.add_argument("--init", choices=KV_SHIFT_INITS, default="identity",
-                        help="shift-weight init: identity (= the source model exactly, default), paper, softmax")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="dtype of the saved weights (default: the source's)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of random shift weights (paper/softmax)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-
-
-def run(args: argparse.Namespace) -> int:
-    model = convert_checkpoint(args.source, args.out_dir, init=args.init, dtype=args.dtype, seed=args.seed,
-                               overwrite=args.overwrite)
-    c = model.config
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"converted {args.source} -> {args.out_dir}: {c.num_hidden_layers} layers, "
-          f"{c.num_attention_heads} heads / {c.num_key_value_heads} KV heads, {n_params:,} parameters, "
-          f"kv_shift_init={args.init}, dtype={str(next(model.parameters()).dtype).removeprefix('torch.')}")
-    return 0

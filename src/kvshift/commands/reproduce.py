@@ -10,10 +10,10 @@ from pathlib import Path
 
 # name -> (module, function)
 EXPERIMENTS = {
-    "induction": ("kvshift.experiments.tasks", "run_induction"),
-    "induction-width": ("kvshift.experiments.tasks", "run_induction_width"),
-    "ngram": ("kvshift.experiments.tasks", "run_ngram"),
-    "hopk": ("kvshift.experiments.tasks", "run_hopk"),
+    "induction": ("kvshift.experiments.toy", "run_induction"),
+    "induction-width": ("kvshift.experiments.toy", "run_induction_width"),
+    "ngram": ("kvshift.experiments.toy", "run_ngram"),
+    "hopk": ("kvshift.experiments.toy", "run_hopk"),
     "theorem2": ("kvshift.experiments.theorem2", "run_theorem2"),
     "theorem3": ("kvshift.experiments.theorem3", "run_theorem3"),
 }
@@ -40,7 +40,7 @@ def run_experiment(name: str, *, quick: bool = True, seeds: int = 3, out: str | 
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     module, fn = EXPERIMENTS[name]
     if not quick:
-        from .tasks import EXPECTED_FULL_TIME
+        from ..experiments.toy import EXPECTED_FULL_TIME
 
         print(f"[{name}] --full: expected time {EXPECTED_FULL_TIME.get(name, 'a few minutes')}", file=sys.stderr)
     kwargs = {"steps": steps} if steps is not None and module.endswith(".tasks") else {}

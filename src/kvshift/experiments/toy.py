@@ -12,7 +12,7 @@ from ..tasks.hopk import HopKTask, error_rate_by_k
 from ..tasks.induction import InductionTask, induction_accuracy, masked_accuracy
 from ..tasks.ngram import NGramTask, ngram_accuracy
 from .runner import run_task_experiment
-from .synthetic import ModelSpec, RunSpec
+from .toy_train import ModelSpec, RunSpec
 
 __all__ = ["run_induction", "run_induction_width", "run_ngram", "run_hopk", "EXPECTED_FULL_TIME"]
 

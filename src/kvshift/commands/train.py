@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import apply_overrides, config_from_dict
-from .recipes import RECIPES, get_recipe
+from ..train.config import apply_overrides, config_from_dict
+from ..train.recipes import RECIPES, get_recipe
 
 __all__ = ["add_arguments", "run"]
 
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_config(args: argparse.Namespace):
     if args.resume is not None:
-        from .checkpoint import load_checkpoint
+        from ..train.checkpoint import load_checkpoint
 
         _, _, state, _ = load_checkpoint(args.resume)
         cfg = config_from_dict(state["config"])
@@ -41,11 +41,11 @@ def resolve_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     if args.print_config:
-        from .config import config_to_dict
+        from ..train.config import config_to_dict
 
         print(json.dumps(config_to_dict(cfg), indent=2))
         return 0
-    from .loop import train
+    from ..train.loop import train
 
     out = Path(args.resume) if args.resume is not None and args.out is None else Path(args.out or f"runs/{cfg.name}")
     summary = train(cfg, out, resume=args.resume)

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from .shards import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE, prepare, read_meta
+from ..data.shards import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE, prepare, read_meta
 
 EXIT_BAD_INPUT = 2
 

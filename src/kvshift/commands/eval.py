@@ -55,7 +55,7 @@ def evaluate(
     bootstrap_iters: int = 1000,
 ) -> dict:
     """Run lm-eval's ``simple_evaluate`` with ``model="hf"`` on a validated model directory."""
-    from ..generate_cli import check_model_dir
+    from ..models.loading import check_model_dir
 
     check_model_dir(model_dir)
     try:
