@@ -16,7 +16,8 @@ from conftest import interpret_triton_kernels  # noqa: E402
 
 from kvshift.ops.kv_shift import kv_shift  # noqa: E402
 from kvshift.ops.kv_shift import triton as kernels  # noqa: E402
-from kvshift.ops.kv_shift.reference import kv_shift_ref, previous_token_keep_mask  # noqa: E402
+from kvshift.ops.kv_shift.checks import previous_token_keep_mask  # noqa: E402
+from kvshift.ops.kv_shift.reference import kv_shift_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 interpret_triton_kernels(kernels)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -43,8 +44,10 @@ def run_experiment(name: str, *, quick: bool = True, seeds: int = 3, out: str | 
         from ..experiments.toy import EXPECTED_FULL_TIME
 
         print(f"[{name}] --full: expected time {EXPECTED_FULL_TIME.get(name, 'a few minutes')}", file=sys.stderr)
-    kwargs = {"steps": steps} if steps is not None and module.endswith(".tasks") else {}
-    return getattr(importlib.import_module(module), fn)(quick=quick, seeds=seeds, out_dir=Path(out) / name, **kwargs)
+    runner = getattr(importlib.import_module(module), fn)
+    # --steps applies to the trained experiments; the theorem experiments train nothing
+    kwargs = {"steps": steps} if steps is not None and "steps" in inspect.signature(runner).parameters else {}
+    return runner(quick=quick, seeds=seeds, out_dir=Path(out) / name, **kwargs)
 
 
 def run(args: argparse.Namespace) -> int:

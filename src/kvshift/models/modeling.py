@@ -21,7 +21,7 @@ from ..layers.attention import KVShiftAttention, init_shift_weight, shift_genera
 from ..layers.block import DecoderLayer
 from ..layers.norm import RMSNorm
 from ..layers.rope import RotaryEmbedding
-from ..ops.kv_shift.reference import validate_cu_seqlens
+from ..ops.kv_shift.checks import validate_cu_seqlens
 from .cache import kv_shift_layer_state
 from .configuration import KVShiftConfig
 

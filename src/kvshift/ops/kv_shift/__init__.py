@@ -9,8 +9,9 @@ import importlib.util
 
 import torch
 
-from .fused_torch import kv_shift_fused_torch
-from .reference import kv_shift_ref, previous_token_keep_mask, validate_kv_shift_args, validate_rope_args
+from .checks import previous_token_keep_mask, validate_kv_shift_args, validate_rope_args
+from .reference import kv_shift_ref
+from .pytorch import kv_shift_torch
 
 __all__ = ["kv_shift", "kv_shift_ref", "kv_shift_rope", "kv_shift_step"]
 BACKENDS = ("auto", "torch", "reference", "triton")
@@ -66,7 +67,7 @@ def kv_shift(
             x, weight, cu_seqlens=cu_seqlens, attention_mask=attention_mask, prev=prev, reset_mask=reset_mask
         )
     validate_kv_shift_args(x, weight, cu_seqlens, attention_mask, prev, reset_mask)
-    return kv_shift_fused_torch(
+    return kv_shift_torch(
         x, weight, cu_seqlens=cu_seqlens, attention_mask=attention_mask, prev=prev, reset_mask=reset_mask
     )
 
@@ -125,6 +126,6 @@ def kv_shift_rope(
         return kv_shift_rope_triton(x, weight, cos, sin, keep=keep, prev=prev)
     from ..rope import apply_rope
 
-    shift = kv_shift_ref if backend == "reference" else kv_shift_fused_torch  # arguments validated above
+    shift = kv_shift_ref if backend == "reference" else kv_shift_torch  # arguments validated above
     y = shift(x, weight, attention_mask=attention_mask, prev=prev, reset_mask=reset_mask)
     return (y if cos is None else apply_rope(y, cos, sin)).transpose(1, 2)

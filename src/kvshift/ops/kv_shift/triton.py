@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import previous_token_keep_mask, validate_kv_shift_args, validate_rope_args
+from .checks import previous_token_keep_mask, validate_kv_shift_args, validate_rope_args
 
 __all__ = ["kv_shift_triton", "kv_shift_rope_triton"]
 

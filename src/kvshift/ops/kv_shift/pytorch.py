@@ -1,4 +1,4 @@
-"""A lean eager-PyTorch KV shift (custom autograd, in-place accumulation): the default off CUDA.
+"""The "torch" backend of the KV shift: lean eager PyTorch (custom autograd, in-place accumulation), the default off CUDA.
 
 Same semantics as :func:`kv_shift_ref`, in fewer passes over memory: the forward writes ``w0 * x`` once
 and accumulates ``w1 * x_{t-1}`` into it in place; the backward does the mirror image and reduces the
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .reference import previous_token_keep_mask
+from .checks import previous_token_keep_mask
 
-__all__ = ["kv_shift_fused_torch"]
+__all__ = ["kv_shift_torch"]
 
 
 def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -66,7 +66,7 @@ class KVShiftTorchFunction(torch.autograd.Function):
         return gx, gw, gprev, None
 
 
-def kv_shift_fused_torch(
+def kv_shift_torch(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
