@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..layers.attention import is_shift_parameter
 from ..models import KVShiftConfig, KVShiftForCausalLM
+from ..train.config import OptimConfig
+from ..train.optim import build_optimizer, lr_factor
 
 __all__ = ["ModelSpec", "RunSpec", "build_model", "train_on_task", "steps_to_reach"]
 
@@ -95,13 +96,11 @@ def train_on_task(
         torch.set_num_threads(run.threads)
     model = build_model(spec, task.vocab_size, eval_batch["input_ids"].shape[1], seed)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "_shift" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or is_shift_parameter(n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=run.lr, betas=(0.9, 0.95),
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, run.warmup_steps)))
+    # the language-model trainer's AdamW groups and schedule: linear warm-up, then constant; the
+    # per-parameter loop implementation (PyTorch's CPU default), so the toy results are unchanged
+    optim_cfg = OptimConfig(lr=run.lr, weight_decay=run.weight_decay, beta1=0.9, beta2=0.95,
+                            warmup_steps=run.warmup_steps, schedule="constant", implementation="loop")
+    opt = build_optimizer(model, optim_cfg)
     data_gen = torch.Generator().manual_seed(10_000 + seed)
     n_curve = min(run.curve_eval_size, eval_batch["input_ids"].shape[0])
     curve_batch = {k: v[:n_curve] for k, v in eval_batch.items()}
@@ -109,6 +108,8 @@ def train_on_task(
     losses: list[float] = []
     t0 = time.perf_counter()
     for step in range(1, run.steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = optim_cfg.lr * g["lr_mult"] * lr_factor(step - 1, run.steps, optim_cfg)
         batch = task.sample(run.batch_size, data_gen)
         loss = _loss(model, batch)
         opt.zero_grad(set_to_none=True)
@@ -116,7 +117,6 @@ def train_on_task(
         if run.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), run.grad_clip)
         opt.step()
-        sched.step()
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             break

@@ -10,8 +10,8 @@ import importlib.util
 import torch
 
 from .checks import previous_token_keep_mask, validate_kv_shift_args, validate_rope_args
-from .reference import kv_shift_ref
 from .pytorch import kv_shift_torch
+from .reference import kv_shift_ref
 
 __all__ = ["kv_shift", "kv_shift_ref", "kv_shift_rope", "kv_shift_step"]
 BACKENDS = ("auto", "torch", "reference", "triton")
