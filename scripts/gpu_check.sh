@@ -17,5 +17,5 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')"
 # the GPU tests first (from the checkout), then the benchmarks; the log keeps both
-{ "$PY" -m pytest -q -m "slow or not slow" tests/ops tests/test_kv_shift_op.py tests/test_decode.py -x \
+{ "$PY" -m pytest -q -m "slow or not slow" tests/ops tests/models/test_model_triton.py tests/models/test_decode.py -x \
     || echo "GPU tests failed (exit $?)"; "$PY" -m kvshift bench gpu --out "$DEST"; } 2>&1 | tee "$DEST/gpu-check.log"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -12,6 +13,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+# tests/ mirrors src/kvshift/ (ops, layers, models, data, ...); the test modules are not packages, so the
+# shared builders of one folder (e.g. models/test_hf_auto.save_tiny) import by module name from any other
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+for _sub in sorted(os.listdir(_TESTS)):
+    if os.path.isdir(os.path.join(_TESTS, _sub)) and not _sub.startswith((".", "_")):
+        sys.path.append(os.path.join(_TESTS, _sub))
 
 # Test tensors are tiny: one thread avoids OpenMP spin contention on a shared 2-core machine.
 torch.set_num_threads(1)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..ops.kv_shift import kv_shift, kv_shift_rope
-from ..report import environment, markdown_table
 from .common import time_fn
 from .peers import kv_shift_pad_slice, kv_shift_unfold
 
-__all__ = ["bench_op", "main", "GPU_SHAPES", "CPU_SHAPES"]
+__all__ = ["bench_op", "columns", "GPU_SHAPES", "CPU_SHAPES"]
 
 # (B, H, T, D)
 GPU_SHAPES: list[tuple[int, int, int, int]] = [(4, 16, 4096, 128), (16, 12, 1024, 64), (1, 32, 16384, 128)]
@@ -118,25 +115,3 @@ def columns(rows: list[dict]) -> list[str]:
     """Table columns for the variants present in ``rows``."""
     names = [n for n in VARIANTS if f"{n}_ms" in rows[0]]
     return ["B", "H", "T", "D", "dtype"] + [f"{n}_ms" for n in names] + [f"{n}_ratio" for n in names if n != "attn"]
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    """Run :func:`bench_op`, print hardware, a Markdown table, and one JSON line with everything."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
-    args = p.parse_args(argv)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    rows = bench_op(dtype=dtype, device=args.device, warmup=args.warmup, iters=args.iters)
-    hw = environment()
-    print("\n".join(f"- {k}: {v}" for k, v in hw.items()))
-    print()
-    print(markdown_table(rows, columns(rows), digits=3))
-    print(json.dumps({"bench": "op", "hardware": hw, "rows": rows}))
-    return rows
-
-
-if __name__ == "__main__":
-    main()

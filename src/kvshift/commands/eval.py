@@ -30,8 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=float, default=None,
                         help="at most this many examples per task (a fraction if < 1; for testing)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0... (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    parser.add_argument("--num-fewshot", type=int, default=None)
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="dtype of the model weights (default: auto, the checkpoint's)")
+    parser.add_argument("--num-fewshot", type=int, default=None,
+                        help="few-shot examples per prompt (default: each task's own)")
     parser.add_argument("--output", default=None, metavar="PATH",
                         help="results JSON (default: DIR/eval_results.json)")
     parser.add_argument("--log-samples", action="store_true", help="keep per-example outputs in the JSON")

@@ -14,15 +14,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="model directory (with its tokenizer)")
     parser.add_argument("--prompt", required=True, action="append",
                         help="prompt text; repeat for a (left-padded) batch")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default: 32)")
     parser.add_argument("--do-sample", action="store_true", help="sample (default: greedy or beam search)")
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's generation config)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: the generation config)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: the generation config)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1, no beam search)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="dtype of the model weights (default: auto, the checkpoint's)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per prompt ({prompt, completion}) instead of plain text")
 

@@ -15,7 +15,8 @@ __all__ = ["OPTIM_IMPLEMENTATIONS", "ModelConfig", "DataConfig", "OptimConfig", 
 
 @dataclass
 class ModelConfig:
-    """Fields of :class:`kvshift.KVShiftConfig`; ``vocab_size`` 0 means: take it from the data."""
+    """Overrides of :class:`kvshift.KVShiftConfig` fields (same names, passed through as they are);
+    ``vocab_size`` 0 means: take it from the data."""
 
     vocab_size: int = 0
     hidden_size: int = 256

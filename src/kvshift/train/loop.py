@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -53,19 +54,15 @@ def load_datasets(cfg: TrainConfig):
 
 
 def build_model_for_data(cfg: TrainConfig, vocab_size: int, eos_id: int | None) -> KVShiftForCausalLM:
-    m = cfg.model
-    vocab = m.vocab_size or vocab_size
+    """The model of ``cfg.model`` (fields named as in :class:`KVShiftConfig`, which owns them) for this
+    data: vocabulary, context length and EOS from the data; inference defaults (``use_cache``) saved, as
+    the trainer passes ``use_cache=False`` itself."""
+    fields = dataclasses.asdict(cfg.model)
+    vocab = fields.pop("vocab_size") or vocab_size
     if vocab < vocab_size:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary ({vocab_size} ids)")
-    config = KVShiftConfig(
-        vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_key_value_heads, max_position_embeddings=cfg.data.seq_len,
-        rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps, tie_word_embeddings=m.tie_word_embeddings,
-        kv_shift=m.kv_shift, kv_shift_init=m.kv_shift_init, kv_shift_position=m.kv_shift_position,
-        kv_shift_parametrization=m.kv_shift_parametrization, bos_token_id=None, eos_token_id=eos_id,
-        pad_token_id=None, use_cache=False,
-    )
+    config = KVShiftConfig(**fields, vocab_size=vocab, max_position_embeddings=cfg.data.seq_len,
+                           bos_token_id=None, eos_token_id=eos_id, pad_token_id=None, use_cache=True)
     torch.manual_seed(cfg.seed)
     return KVShiftForCausalLM(config)
 
