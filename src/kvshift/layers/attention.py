@@ -183,6 +183,8 @@ class KVShiftAttention(nn.Module):
         backend = attention_backend(getattr(self.config, "_attn_implementation", None))
         out, weights = backend(
             self, q, k, v, attention_mask, scaling=self.scaling,
-            dropout=self.attention_dropout if self.training else 0.0, **kwargs,
+            dropout=self.attention_dropout if self.training else 0.0,
+            sliding_window=getattr(self.config, "sliding_window", None),  # read by flash-attention only
+            **kwargs,
         )  # [B, T, H, D]
         return self.o_proj(out.reshape(B, T, -1)), weights
