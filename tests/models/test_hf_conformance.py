@@ -123,3 +123,18 @@ def test_assisted_with_output_attentions_equals_greedy():
     greedy, fast = m.generate(ids, **kw), m.generate(ids, assistant_model=a, **kw)
     assert torch.equal(greedy.sequences, fast.sequences)
     assert fast.attentions is not None and fast.attentions[0][0].shape[-1] == ids.shape[1]
+
+
+def test_eager_matches_sdpa_in_bfloat16_and_config_switch_to_flex():
+    eager = _with_backend("eager").to(torch.bfloat16)
+    sdpa = _with_backend("sdpa").to(torch.bfloat16)
+    _, _, (left, lm), _ = _padded_batch()
+    with torch.no_grad():
+        a, b = eager(left, attention_mask=lm).logits.float(), sdpa(left, attention_mask=lm).logits.float()
+    assert (a - b)[lm.bool()].abs().max() <= 1e-2  # transformers' bf16 tolerance for SDPA vs eager
+    m = tiny_model()
+    ids = left[:1, :]
+    with torch.no_grad():
+        ref = m(ids).logits
+        m.config._attn_implementation = "flex_attention"  # set directly, as the test mixins do
+        assert (m(ids).logits - ref).abs().max() <= 1e-5
