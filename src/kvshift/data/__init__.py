@@ -4,9 +4,12 @@ from .packing import (
     IGNORE_INDEX,
     PackedBatches,
     TokenDataset,
+    documents_covered,
     documents_in_row,
     position_ids_to_cu_seqlens,
     val_batches,
+    validation_batches,
+    validation_rows,
 )
 from .shards import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE, FORMAT_VERSION, prepare, read_meta, token_dtype
 from .sources import Document, TextSource, iter_documents, resolve_source
@@ -23,6 +26,7 @@ __all__ = [
     "TextSource",
     "TextTokenizer",
     "TokenDataset",
+    "documents_covered",
     "documents_in_row",
     "iter_documents",
     "load_tokenizer",
@@ -33,4 +37,6 @@ __all__ = [
     "token_dtype",
     "train_bpe",
     "val_batches",
+    "validation_batches",
+    "validation_rows",
 ]

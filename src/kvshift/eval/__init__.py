@@ -1,1 +1,2 @@
-"""lm-evaluation-harness integration: the `kvshift eval` command."""
+"""Evaluation: learned-shift tables and head scores, copying probes on real text (the lm-evaluation-harness
+adapter is the `kvshift eval` command)."""
