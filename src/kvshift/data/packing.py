@@ -84,10 +84,13 @@ class TokenDataset:
 
     def token_byte_lengths(self) -> np.ndarray | None:
         """UTF-8 bytes each token id stands for (0 for special tokens), for exact bits per byte; None when
-        the tokenizer is not byte-level (bits per byte then use the split's average bytes per token)."""
-        from .tokenizer import byte_level_token_lengths
+        the tokenizer is not byte-level (bits per byte then use the split's average bytes per token).
+        Read from tokenizer.json once per dataset (every evaluation asks)."""
+        if not hasattr(self, "_byte_lengths"):
+            from .tokenizer import byte_level_token_lengths
 
-        return byte_level_token_lengths(self.data_dir / "tokenizer.json", self.vocab_size)
+            self._byte_lengths = byte_level_token_lengths(self.data_dir / "tokenizer.json", self.vocab_size)
+        return self._byte_lengths
 
     def document(self, index: int, *, with_eos: bool = False) -> np.ndarray:
         """Token ids of document ``index`` (without its trailing EOS unless ``with_eos``)."""
@@ -336,9 +339,9 @@ def validation_rows(dataset: TokenDataset, seq_len: int, max_tokens: int = 0, *,
         i += 1
     by_length = np.argsort(-lengths, kind="stable")
     i = 0
-    while count.sum() > rows:
+    while count.sum() > rows:  # only after the minimum of one: some document has more than one row
         d = by_length[i % len(by_length)]
-        if count[d] > 1 or rows < len(starts):
+        if count[d] > 1:
             count[d] -= 1
         i += 1
     rng = np.random.RandomState(seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import initialization as init
 
 from ..ops.attention import attention_backend
 from ..ops.kv_shift import kv_shift_rope, kv_shift_step
@@ -96,15 +97,17 @@ class KVShiftAttention(nn.Module):
         parameters are shift weights", asked by the optimizer groups and the fp32 cast."""
         return [self.k_shift, self.v_shift] if self.use_kv_shift else []
 
-    @torch.no_grad()
     def reset_shift_parameters(self) -> None:
-        """Draw ``k_shift`` / ``v_shift`` per ``config.kv_shift_init`` without consuming the global RNG."""
+        """Draw ``k_shift`` / ``v_shift`` per ``config.kv_shift_init`` without consuming the global RNG.
+
+        Through transformers' ``init.copy_``, which leaves weights that ``from_pretrained`` loaded alone.
+        """
         if not self.use_kv_shift or self.k_shift.is_meta:  # meta: from_pretrained fills them later
             return
         g = shift_generator(self.layer_idx)
         for p in (self.k_shift, self.v_shift):
             w = init_shift_weight(self.num_kv_heads, self.config.kv_shift_init, self.parametrization, generator=g)
-            p.copy_(w.to(p.device, p.dtype))
+            init.copy_(p, w.to(p.device, p.dtype))
 
     def _effective(self, raw: torch.Tensor) -> torch.Tensor:
         if self.parametrization == "gate":

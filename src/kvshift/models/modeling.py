@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import (
     GenericForQuestionAnswering,
@@ -17,7 +16,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
-from ..layers.attention import KVShiftAttention, init_shift_weight, shift_generator
+from ..layers.attention import KVShiftAttention
 from ..layers.block import DecoderLayer
 from ..layers.norm import RMSNorm
 from ..layers.rope import RotaryEmbedding
@@ -95,19 +94,11 @@ class KVShiftPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, KVShiftAttention) and module.use_kv_shift:
-            # drawn from a peeked generator: the global RNG, and so every shared weight, is the same as
-            # for the vanilla model under the same seed
-            g = shift_generator(module.layer_idx)
-            for p in (module.k_shift, module.v_shift):
-                init.copy_(p, init_shift_weight(
-                    module.num_kv_heads, self.config.kv_shift_init, module.parametrization, generator=g
-                ).to(p.device, p.dtype))
-        if isinstance(module, RotaryEmbedding):
-            # non-persistent buffers: from_pretrained materializes them with torch.empty_like, so set them here
-            inv_freq, _ = module.compute_inv_freq()
-            init.copy_(module.inv_freq, inv_freq.to(module.inv_freq.device))
-            init.copy_(module.original_inv_freq, inv_freq.to(module.original_inv_freq.device))
+        # (RotaryEmbedding's buffers are set by transformers' own _init_weights, through
+        # compute_default_rope_parameters or its RoPE init functions)
+        if isinstance(module, KVShiftAttention):
+            # a peeked generator: the global RNG, and so every shared weight, is the vanilla model's
+            module.reset_shift_parameters()
 
 
 class KVShiftModel(KVShiftPreTrainedModel):
