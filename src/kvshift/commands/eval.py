@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import subprocess
 from pathlib import Path
 
 __all__ = ["add_arguments", "run", "evaluate"]
@@ -85,7 +87,25 @@ def evaluate(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     limit_arg = int(limit) if limit is not None and limit >= 1 else limit
-    results = lm_eval.simple_evaluate(
+    from ..paths import hub_errors, offline_if_unreachable
+
+    offline = (f"task(s) {','.join(tasks)} need their datasets from the Hugging Face Hub, which could not be "
+               "reached (offline, and not in the local datasets cache); run once with network access to cache "
+               "them, or pass --include-path with local task YAMLs")
+    with offline_if_unreachable(), _quiet_git_hash(), hub_errors("tasks", ",".join(tasks), offline_message=offline,
+                                                                 only_offline=True):
+        results = _simple_evaluate(lm_eval, model_dir, dtype, tasks, num_fewshot, batch_size, device, limit_arg,
+                                   manager, log_samples, bootstrap_iters, seed)
+    if results is None:  # not rank 0 of a distributed run
+        return {}
+    if not log_samples:
+        results.pop("samples", None)
+    return results
+
+
+def _simple_evaluate(lm_eval, model_dir, dtype, tasks, num_fewshot, batch_size, device, limit_arg, manager,
+                     log_samples, bootstrap_iters, seed):
+    return lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(model_dir), "dtype": dtype, "backend": "causal"},
         tasks=tasks,
@@ -101,11 +121,28 @@ def evaluate(
         torch_random_seed=seed,
         fewshot_random_seed=seed,
     )
-    if results is None:  # not rank 0 of a distributed run
-        return {}
-    if not log_samples:
-        results.pop("samples", None)
-    return results
+
+
+@contextlib.contextmanager
+def _quiet_git_hash():
+    """lm-eval records ``git describe`` of the working directory and lets git print ``fatal: not a git
+    repository`` outside one; ask git quietly instead (same value, None outside a repository)."""
+    import lm_eval.evaluator as evaluator
+
+    def git_hash():
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() or None if out.returncode == 0 else None
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        if original is not None:
+            evaluator.get_git_commit_hash = original
 
 
 def _write_json(path: Path, obj) -> None:

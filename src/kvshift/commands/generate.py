@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="dtype of the model weights (default: auto, the checkpoint's)")
+    parser.add_argument("--truncate", action="store_true",
+                        help="keep the last max_position_embeddings tokens of a longer prompt (default: refuse "
+                             "such a prompt with an error)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per prompt ({prompt, completion}) instead of plain text")
 
@@ -43,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if tok.pad_token_id is None and len(args.prompt) > 1:
         tok.pad_token_id = pad_id
     enc = tok(args.prompt, return_tensors="pt", padding=len(args.prompt) > 1).to(model.device)
+    enc = _fit_context(enc, model.config.max_position_embeddings, args.max_new_tokens, args.truncate)
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_beams=args.num_beams,
                       pad_token_id=pad_id)
     for name in ("temperature", "top_k", "top_p"):
@@ -58,3 +62,26 @@ def run(args: argparse.Namespace) -> int:
         text = tok.decode(ids, skip_special_tokens=True)
         print(json.dumps({"prompt": prompt, "completion": text}) if args.json else prompt + text)
     return 0
+
+
+def _fit_context(enc, max_positions: int, max_new_tokens: int, truncate: bool):
+    """Refuse (or, with ``truncate``, cut from the left) prompts longer than the trained context; note when
+    prompt + new tokens run past it."""
+    import sys
+
+    length = enc["input_ids"].shape[1]
+    if length > max_positions:
+        if not truncate:
+            raise ValueError(
+                f"--prompt is {length} tokens, longer than the model's max_position_embeddings={max_positions} "
+                "(the context it was trained for); shorten it, or pass --truncate to keep its last "
+                f"{max_positions} tokens"
+            )
+        print(f"note: --truncate kept the last {max_positions} of {length} prompt tokens", file=sys.stderr)
+        enc = {k: v[:, -max_positions:] for k, v in enc.items()}
+        length = max_positions
+    if length + max_new_tokens > max_positions:
+        print(f"note: prompt ({length} tokens) + --max-new-tokens {max_new_tokens} runs past the model's "
+              f"max_position_embeddings={max_positions}; tokens beyond it are outside the trained context",
+              file=sys.stderr)
+    return enc

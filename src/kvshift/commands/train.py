@@ -1,9 +1,10 @@
-"""`kvshift train --recipe NAME [--set a.b=value ...] [--out DIR] [--resume DIR]`."""
+"""`kvshift train --recipe NAME [--data DIR] [--set a.b=value ...] [--out DIR] [--resume DIR]`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,27 +16,53 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default=None, help=f"one of {sorted(RECIPES)} (default: tiny)")
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="prepared data folder (`kvshift data prepare`); sets data.source=prepared and "
+                             "data.path=DIR (default: the recipe's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field by dotted path, e.g. --set optim.lr=1e-3 (repeatable)")
-    parser.add_argument("--out", default=None, help="run folder (default: runs/<recipe>)")
+                        help="override a config field by dotted path, e.g. --set optim.lr=1e-3 (repeatable; "
+                             "default: none)")
+    parser.add_argument("--out", default=None,
+                        help="run folder, new or empty (default: runs/<recipe>; with --resume, the run's own)")
     parser.add_argument("--resume", default=None, metavar="DIR",
-                        help="continue the run in DIR from its latest checkpoint (its saved config is used; "
-                             "--set still applies)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+                        help="continue a run from a run folder (its latest intact checkpoint) or from one "
+                             "checkpoints/step_* folder; its saved config is used and --set still applies "
+                             "(default: start a new run)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and exit (default: off)")
+
+
+def _saved_config(path: str):
+    """The config saved in the checkpoint ``path`` resolves to (the newest whose trainer state reads)."""
+    from ..train.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
+
+    folder = latest_checkpoint(path)
+    for candidate in [folder, *reversed([p for p in list_checkpoints(folder.parent) if p.name < folder.name])]:
+        try:
+            return config_from_dict(json.loads((candidate / STATE_FILE).read_text())["config"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    raise ValueError(f"no readable {STATE_FILE} in the checkpoints of {path}")
 
 
 def resolve_config(args: argparse.Namespace):
     if args.resume is not None:
-        from ..train.checkpoint import load_checkpoint
+        from ..paths import check_local_path
 
-        _, _, state, _ = load_checkpoint(args.resume)
-        cfg = config_from_dict(state["config"])
+        check_local_path(args.resume, "--resume", must_exist=True)
+        cfg = _saved_config(args.resume)
         if args.recipe is not None and args.recipe != cfg.name:
             print(f"note: --resume uses the saved config of recipe {cfg.name!r}, not {args.recipe!r}",
                   file=sys.stderr)
     else:
         cfg = get_recipe(args.recipe or "tiny")
-    return apply_overrides(cfg, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "data", None) is not None:
+        from ..paths import check_local_path
+
+        check_local_path(args.data, "--data", must_exist=True)
+        overrides = ["data.source=prepared", f"data.path={args.data}", *overrides]
+    return apply_overrides(cfg, overrides)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,10 +72,26 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(config_to_dict(cfg), indent=2))
         return 0
-    from ..train.loop import train
+    from ..train.checkpoint import run_dir_of
+    from ..train.loop import TrainingDiverged, TrainingInterrupted, train
 
-    out = Path(args.resume) if args.resume is not None and args.out is None else Path(args.out or f"runs/{cfg.name}")
-    summary = train(cfg, out, resume=args.resume)
-    summary = {k: v for k, v in summary.items() if k != "losses"}
-    print(json.dumps(summary, indent=2))
+    if args.out is not None:
+        out = Path(args.out)
+    elif args.resume is not None:
+        out = run_dir_of(args.resume)
+    else:
+        out = Path(f"runs/{cfg.name}")
+    is_main = os.environ.get("RANK", "0") == "0"  # torchrun: only rank 0 prints
+    try:
+        summary = train(cfg, out, resume=args.resume)
+    except TrainingDiverged as err:
+        if is_main:
+            print(f"kvshift train: stopped: {err}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as err:
+        if is_main:
+            print(f"kvshift train: {err}", file=sys.stderr)
+        return 130
+    if is_main:
+        print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
     return 0

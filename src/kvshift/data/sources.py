@@ -94,11 +94,9 @@ class StdlibSource(TextSource):
 
 
 def _looks_like_path(source: str) -> bool:
-    return (
-        source.startswith(("/", "./", "../", "~", "\\"))
-        or source.endswith(SUPPORTED_SUFFIXES)
-        or (os.sep != "/" and os.sep in source)
-    )
+    from ..paths import looks_like_path
+
+    return looks_like_path(source) or source.endswith(SUPPORTED_SUFFIXES) or (os.sep != "/" and os.sep in source)
 
 
 def _glob_base(pattern: str) -> Path:
@@ -324,12 +322,10 @@ class HFDatasetSource(TextSource):
         self.config = config
         self.split = split
         self.streaming = streaming
-        try:
+        from ..paths import hub_errors, offline_if_unreachable
+
+        with offline_if_unreachable(), hub_errors("--source", name):
             self.dataset = datasets.load_dataset(name, config, split=split, streaming=streaming)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(
-                f"{name!r} is neither an existing local path nor a loadable Hugging Face dataset: {exc}"
-            ) from exc
         columns = getattr(self.dataset, "column_names", None)
         if columns is not None and text_field not in columns:
             raise ValueError(

@@ -19,9 +19,10 @@ MIN_BPE_VOCAB = 257  # 256 byte symbols + the EOS token
 
 def _tokenizer_config(eos_token: str) -> bytes:
     """tokenizer_config.json that makes ``AutoTokenizer.from_pretrained(dir)`` load tokenizer.json."""
-    config = {
+    config = {  # no BOS: documents are separated by EOS, which also pads (as GPT-2 does)
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": eos_token,
+        "pad_token": eos_token,
         "clean_up_tokenization_spaces": False,
     }
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
@@ -207,3 +208,46 @@ def byte_level_token_lengths(tokenizer_file: str | os.PathLike, vocab_size: int)
                 return None
             out[idx] = len(token)
     return out
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """The byte-level alphabet: printable Latin-1 bytes stand for themselves, the other 68 bytes are
+    moved to code points from 256 up, in byte order (the mapping byte-level BPE tokenizers use)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def byte_tokenizer():
+    """A ``PreTrainedTokenizerFast`` for the raw-byte corpus (:class:`kvshift.data.bytes.ByteCorpus`): id
+    ``b`` is the UTF-8 byte ``b``, id 256 is ``<|endoftext|>`` (EOS and padding), no BOS; encoding and
+    decoding are exact inverses on any text."""
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: b for b, ch in _byte_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS_TOKEN])
+    assert tok.token_to_id(EOS_TOKEN) == 256
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+                                   clean_up_tokenization_spaces=False)
+
+
+def model_tokenizer(data_dir: str | os.PathLike | None):
+    """The tokenizer to save beside a model trained on ``data_dir`` (a prepared folder; None: the raw-byte
+    corpus), loadable with ``AutoTokenizer``; one without a pad token pads with its EOS token."""
+    if data_dir is None:
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(data_dir))
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok

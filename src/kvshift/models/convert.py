@@ -148,14 +148,23 @@ def kvshift_config_from(config, init: str = "identity") -> KVShiftConfig:
 def _load_source(source: str, dtype: torch.dtype | None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    try:
+    from ..paths import check_local_path, hub_errors, offline_if_unreachable
+
+    local = check_local_path(source, "--from")  # a missing path-like source fails here, before any Hub lookup
+    if local is not None:
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"{source} is not a Hugging Face model directory (no config.json)")
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"cannot load a model config from {source!r}: {err}") from err
+        _check_architecture(config)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
+    with offline_if_unreachable(), hub_errors("--from", source):
         config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as err:
-        if Path(source).exists() and not (Path(source) / "config.json").is_file():
-            raise FileNotFoundError(f"{source} is not a Hugging Face model directory (no config.json)") from err
-        raise ValueError(f"cannot load a model config from {source!r}: {err}") from err
     _check_architecture(config)
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
+    with offline_if_unreachable(), hub_errors("--from", source):
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
 
 
 def _convert_model(source: nn.Module, init: str, dtype: torch.dtype | None, *, share: bool,

@@ -6,13 +6,15 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "run_dir_of", "rng_state",
+           "set_rng_state"]
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "trainer_state.json"
 
@@ -81,25 +83,43 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, optim_state: di
     return final
 
 
+def run_dir_of(path: str | os.PathLike) -> Path:
+    """The run folder a ``--resume`` path belongs to: the path itself for a run folder, the parent of a
+    ``checkpoints`` folder, the grandparent of a ``checkpoints/step_*`` folder."""
+    path = Path(path)
+    if (path / STATE_FILE).exists() or path.name.startswith("step_"):
+        return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    if path.name == "checkpoints" and not (path / "checkpoints").is_dir():
+        return path.parent
+    return path
+
+
+def list_checkpoints(path: str | os.PathLike) -> list[Path]:
+    """The complete ``step_*`` folders of a run (or of its ``checkpoints`` folder), oldest first."""
+    path = Path(path)
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).exists())
+
+
 def latest_checkpoint(path: str | os.PathLike) -> Path:
     """Resolve a run dir, its ``checkpoints`` dir or a ``step_*`` dir to one checkpoint folder."""
     path = Path(path)
     if (path / STATE_FILE).exists():
         return path
+    if not path.exists():
+        raise FileNotFoundError(f"no such run or checkpoint folder: {path}")
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if (root / "latest").exists():
         cand = root / (root / "latest").read_text().strip()
         if (cand / STATE_FILE).exists():
             return cand
-    steps = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).exists())
+    steps = list_checkpoints(root)
     if not steps:
         raise FileNotFoundError(f"no checkpoint found in {path} (expected {STATE_FILE} under checkpoints/step_*)")
     return steps[-1]
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict, Path]:
-    """``(model_state, optimizer_payload, trainer_state, folder)``; a damaged checkpoint raises ValueError."""
-    folder = latest_checkpoint(path)
+def _read(folder: Path) -> tuple[dict, dict, dict]:
     try:
         model_state = load_file(str(folder / MODEL_FILE))
         optim = torch.load(folder / OPTIM_FILE, map_location="cpu", weights_only=False)
@@ -108,4 +128,31 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict, Path]:
         raise ValueError(f"checkpoint {folder} is incomplete: {err}") from err
     except Exception as err:  # safetensors / pickle / json errors on truncated or corrupt files
         raise ValueError(f"checkpoint {folder} is corrupt or truncated: {type(err).__name__}: {err}") from err
-    return model_state, optim, state, folder
+    return model_state, optim, state
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict, Path]:
+    """``(model_state, optimizer_payload, trainer_state, folder)``.
+
+    ``path`` is a run folder, its ``checkpoints`` folder or one ``step_*`` folder. When the latest
+    checkpoint of a run is damaged, the newest intact older one is loaded instead, with a warning that
+    names both. A damaged checkpoint named explicitly raises ValueError, naming the newest intact older
+    one if there is one.
+    """
+    folder = latest_checkpoint(path)
+    try:
+        return (*_read(folder), folder)
+    except ValueError as err:
+        older = [p for p in reversed(list_checkpoints(folder.parent)) if p.name < folder.name]
+        explicit = (Path(path) / STATE_FILE).exists()
+        for candidate in older:
+            try:
+                payload = _read(candidate)
+            except ValueError:
+                continue
+            if explicit:
+                raise ValueError(f"{err}; the older checkpoint {candidate} is intact: resume from it "
+                                 f"with --resume {candidate}") from err
+            warnings.warn(f"{err}; falling back to the older intact checkpoint {candidate}", stacklevel=2)
+            return (*payload, candidate)
+        raise

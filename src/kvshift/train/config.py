@@ -95,7 +95,9 @@ class TrainConfig:
     threads: int = 0  # torch.set_num_threads on CPU; 0 leaves the default
     eval_every: int = 100
     log_every: int = 10
-    ckpt_every: int = 0  # 0: only the final checkpoint
+    # Checkpoint every N steps and at the end (0: only at the end); the newest keep_checkpoints are kept.
+    # SIGINT (Ctrl-C) / SIGTERM also save one after the current step, then stop with exit code 130.
+    ckpt_every: int = 100
     stop_after: int = 0  # stop (checkpointed, resumable) after this many steps of this run; 0: run to the end
     keep_checkpoints: int = 2
     tensorboard: bool = True
@@ -123,6 +125,9 @@ class TrainConfig:
             obj, name = _resolve(self, key)
             if getattr(obj, name) < 0:
                 raise ValueError(f"{key} must be >= 0 (0 = the whole val split), got {getattr(obj, name)}")
+        for key in ("ckpt_every", "stop_after", "keep_checkpoints", "threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.data.val_batch_size < 1:
             raise ValueError(f"data.val_batch_size must be >= 1, got {self.data.val_batch_size}")
 

@@ -8,7 +8,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,16 +26,61 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..layers.attention import is_shift_parameter
 from ..models import KVShiftConfig, KVShiftForCausalLM
-from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from ..report import atomic_write_text
+from .checkpoint import list_checkpoints, load_checkpoint, run_dir_of, save_checkpoint, set_rng_state
 from .config import TrainConfig, config_to_dict
 from .distributed import DistInfo, all_reduce_sum, setup_distributed, teardown, wrap_model
 from .optim import build_optimizer, lr_factor
 
-__all__ = ["train", "TrainingDiverged", "load_datasets", "build_model_for_data", "evaluate"]
+__all__ = ["train", "TrainingDiverged", "TrainingInterrupted", "load_datasets", "build_model_for_data", "evaluate"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM stopped the run after a step; ``checkpoint`` holds that step."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None, run_dir: Path) -> None:
+        super().__init__(message)
+        self.step, self.checkpoint, self.run_dir = step, checkpoint, run_dir
+
+
+class _StopRequests:
+    """While training: the first SIGINT / SIGTERM asks the loop to finish its step, save a checkpoint and
+    stop; a second one aborts at once (KeyboardInterrupt). Handlers are installed only in the main thread
+    and restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool) -> None:
+        self.announce = announce
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        if self.announce:
+            print(f"\n{self.requested}: finishing this step and saving a checkpoint (send it again to stop at "
+                  "once, without saving)", file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 def load_datasets(cfg: TrainConfig):
@@ -55,14 +102,14 @@ def load_datasets(cfg: TrainConfig):
 
 def build_model_for_data(cfg: TrainConfig, vocab_size: int, eos_id: int | None) -> KVShiftForCausalLM:
     """The model of ``cfg.model`` (fields named as in :class:`KVShiftConfig`, which owns them) for this
-    data: vocabulary, context length and EOS from the data; inference defaults (``use_cache``) saved, as
-    the trainer passes ``use_cache=False`` itself."""
+    data: vocabulary, context length and EOS (which also pads; no BOS) from the data; inference defaults
+    (``use_cache``) saved, as the trainer passes ``use_cache=False`` itself."""
     fields = dataclasses.asdict(cfg.model)
     vocab = fields.pop("vocab_size") or vocab_size
     if vocab < vocab_size:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary ({vocab_size} ids)")
     config = KVShiftConfig(**fields, vocab_size=vocab, max_position_embeddings=cfg.data.seq_len,
-                           bos_token_id=None, eos_token_id=eos_id, pad_token_id=None, use_cache=True)
+                           bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id, use_cache=True)
     torch.manual_seed(cfg.seed)
     return KVShiftForCausalLM(config)
 
@@ -157,40 +204,83 @@ class _Logger:
 
 
 def _prepare_out(out: Path, resuming: bool, info: DistInfo) -> None:
+    """Create the run folder. A new run needs a new or empty folder: a folder holding anything (another
+    run, a data folder) is refused, nothing in it touched."""
     if info.is_main:
-        if not resuming and (out / "checkpoints").exists() and any((out / "checkpoints").glob("step_*")):
-            raise FileExistsError(
-                f"{out} already holds a run with checkpoints; pass --resume {out} to continue it, "
-                "or choose another --out (nothing was overwritten)"
-            )
+        if not resuming and out.exists():
+            if not out.is_dir():
+                raise FileExistsError(f"--out {out} exists and is not a folder")
+            entries = sorted(p.name for p in out.iterdir())
+            if entries:
+                if list_checkpoints(out):
+                    hint = f"it holds a run with checkpoints: pass --resume {out} to continue it"
+                elif (out / "metrics.jsonl").exists() or (out / "summary.json").exists():
+                    hint = "it holds an earlier run without checkpoints"
+                else:
+                    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+                    hint = f"it is not a run folder (it holds {shown})"
+                raise FileExistsError(f"--out {out} is not empty; {hint}. Choose a new or empty folder "
+                                      "(nothing was written)")
         out.mkdir(parents=True, exist_ok=True)
 
 
-def _save_final(model, cfg: TrainConfig, out: Path, state: dict, data_dir: Path | None) -> Path:
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the rows a killed run logged after the checkpoint it resumes from (and a torn last line)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(row.get("step", 0)) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _save_final(model, out: Path, state: dict, data_dir: Path | None) -> Path:
+    """``out/final``: the model with inference defaults and its tokenizer, usable by ``kvshift generate``
+    and ``AutoTokenizer`` (``data_dir`` None: the raw-byte tokenizer), written to a temp folder and renamed."""
+    from ..data.tokenizer import model_tokenizer
+
     final, tmp = out / "final", out / f".tmp-final-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, state_dict=state)
-    if data_dir is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (data_dir / name).exists():
-                shutil.copy(data_dir / name, tmp / name)
+    model_tokenizer(data_dir).save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
 
 
+def _kept_line(out: Path, cfg: TrainConfig) -> str:
+    """What a stopped run leaves behind, for its one-line message."""
+    kept = list_checkpoints(out)
+    if kept:
+        step = json.loads((kept[-1] / "trainer_state.json").read_text())["step"]
+        return f"the last good checkpoint is {kept[-1]} (step {step})"
+    due = f"the first was due at step {cfg.ckpt_every}" if cfg.ckpt_every else "ckpt_every=0"
+    return f"no checkpoint was written ({due})"
+
+
 def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: str | os.PathLike | None = None) -> dict:
     """Train per ``cfg``; write config, metrics, checkpoints and ``final/`` under ``out_dir``.
 
+    ``resume``: a run folder, its ``checkpoints`` folder or one ``step_*`` folder to continue from.
     Returns a summary with the losses of every step of this process (``losses``) and the final
-    validation metrics. Raises :class:`TrainingDiverged` on a non-finite loss.
+    validation metrics. Raises :class:`TrainingDiverged` on a non-finite loss and
+    :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) after saving a checkpoint when SIGINT or
+    SIGTERM arrives. Nothing is created under ``out_dir`` until the config, the data and the model are
+    known to be valid.
     """
     cfg.validate()
     info = setup_distributed(cfg)
     out = Path(out_dir)
-    _prepare_out(out, resume is not None, info)
+    resumed = load_checkpoint(resume) if resume is not None else None
+    if resumed is not None and int(resumed[2]["step"]) >= cfg.steps:
+        return _already_finished(resumed, cfg, info)
     if cfg.threads and info.device.type == "cpu":
         torch.set_num_threads(cfg.threads)
 
@@ -202,16 +292,20 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: str | os.PathLik
     model = wrap_model(base, cfg, info)
     optimizer = build_optimizer(model, cfg.optim)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    same_run = resumed is not None and run_dir_of(resumed[3]).resolve() == out.resolve()
+    _prepare_out(out, same_run, info)
 
     start_step = 0
-    if resume is not None:
-        model_state, optim_payload, saved, folder = load_checkpoint(resume)
+    if resumed is not None:
+        model_state, optim_payload, saved, folder = resumed
         set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
         set_optimizer_state_dict(model, optimizer, optim_payload["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         set_rng_state(optim_payload["rng"])
         start_step = int(saved["step"])
+        del resumed, model_state, optim_payload
         if info.is_main:
+            _truncate_metrics(out / "metrics.jsonl", start_step)
             print(f"resumed from {folder} at step {start_step}", file=sys.stderr)
 
     from ..data.packing import PackedBatches
@@ -229,9 +323,15 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: str | os.PathLik
         return contextlib.nullcontext()
 
     if info.is_main:
-        (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        atomic_write_text(out / "config.json", json.dumps(config_to_dict(cfg), indent=2))
     logger = _Logger(out, info.is_main, cfg.tensorboard)
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.data.grad_accum * info.world_size
+    rows_per_step = cfg.data.batch_size * cfg.data.grad_accum * info.world_size
+    tokens_per_step = rows_per_step * cfg.data.seq_len
+    if info.is_main:
+        print(f"{cfg.name}: global batch {rows_per_step} rows x {cfg.data.seq_len} tokens = {tokens_per_step} "
+              f"tokens per step ({cfg.data.batch_size} rows x {cfg.data.grad_accum} accumulation x "
+              f"{info.world_size} process{'es' if info.world_size > 1 else ''}); {cfg.steps} steps, "
+              f"checkpoint every {cfg.ckpt_every or cfg.steps} -> {out}", file=sys.stderr)
     end_step = cfg.steps if not cfg.stop_after else min(cfg.steps, start_step + cfg.stop_after)
     bar = None
     if info.is_main and cfg.progress:
@@ -244,65 +344,81 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: str | os.PathLik
         return {"step": step, "data": batches.state_dict(), "config": config_to_dict(cfg),
                 "tokens": step * tokens_per_step}
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int) -> Path:
         msd = get_model_state_dict(model, options=opts)
         osd = get_optimizer_state_dict(model, optimizer, options=opts)
         if info.is_main:
-            save_checkpoint(out, step, msd, osd, trainer_state(step), keep=cfg.keep_checkpoints)
+            return save_checkpoint(out, step, msd, osd, trainer_state(step), keep=cfg.keep_checkpoints)
+        return out / "checkpoints" / f"step_{step:07d}"
 
     losses: list[float] = []
     last_eval: dict = {}
     curve_set = None
     t0 = time.perf_counter()
     model.train()
+    stop = _StopRequests(announce=info.is_main)
     try:
-        for step in range(start_step, end_step):
-            for g in optimizer.param_groups:
-                g["lr"] = cfg.optim.lr * g["lr_mult"] * lr_factor(step, cfg.steps, cfg.optim)
-            micro = [next(data_iter) for _ in range(cfg.data.grad_accum)]
-            count = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro)), device=info.device)
-            count = float(all_reduce_sum(count, info))  # normalise by the global token count of the step
-            total = torch.zeros((), dtype=torch.float64, device=info.device)
-            for i, mb in enumerate(micro):
-                sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    nll, _ = _nll_sum(model, mb, info.device, autocast)
-                    (nll * info.world_size / count).backward()  # DDP / FSDP average over ranks
-                total += nll.detach().double()
-            loss = float(all_reduce_sum(total, info)) / count
-            if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"non-finite loss ({loss}) at step {step + 1}; stopped before the optimizer step. "
-                    f"The last good checkpoint in {out / 'checkpoints'} is untouched; lower optim.lr or "
-                    "check the data"
-                )
-            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf")))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss)
-            done = step + 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            if done % cfg.log_every == 0 or done == end_step:
-                elapsed = time.perf_counter() - t0
-                logger.log(done, {"loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": gnorm,
-                                  "tokens": done * tokens_per_step,
-                                  "tokens_per_s": (done - start_step) * tokens_per_step / max(elapsed, 1e-9)})
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                final_eval = done == cfg.steps
-                if final_eval or curve_set is None:
-                    curve_set = validation_set(val_ds, cfg, final=final_eval)
-                last_eval = evaluate(model, val_ds, cfg, info, autocast, val_set=curve_set)
-                logger.log(done, last_eval, echo=info.is_main and not cfg.progress)
-            if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == end_step:
-                checkpoint(done)
+        with stop:
+            for step in range(start_step, end_step):
+                for g in optimizer.param_groups:
+                    g["lr"] = cfg.optim.lr * g["lr_mult"] * lr_factor(step, cfg.steps, cfg.optim)
+                micro = [next(data_iter) for _ in range(cfg.data.grad_accum)]
+                count = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro)),
+                                     device=info.device)
+                count = float(all_reduce_sum(count, info))  # normalise by the global token count of the step
+                total = torch.zeros((), dtype=torch.float64, device=info.device)
+                for i, mb in enumerate(micro):
+                    sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
+                    with contextlib.nullcontext() if sync else model.no_sync():
+                        nll, _ = _nll_sum(model, mb, info.device, autocast)
+                        (nll * info.world_size / count).backward()  # DDP / FSDP average over ranks
+                    total += nll.detach().double()
+                loss = float(all_reduce_sum(total, info)) / count
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"non-finite loss ({loss}) at step {step + 1}; stopped before the optimizer step; "
+                        f"{_kept_line(out, cfg)}. Lower optim.lr or check the data"
+                    )
+                gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                             cfg.optim.grad_clip or float("inf")))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss)
+                done = step + 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if done % cfg.log_every == 0 or done == end_step:
+                    elapsed = time.perf_counter() - t0
+                    logger.log(done, {"loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": gnorm,
+                                      "tokens": done * tokens_per_step,
+                                      "tokens_per_s": (done - start_step) * tokens_per_step / max(elapsed, 1e-9)})
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    final_eval = done == cfg.steps
+                    if final_eval or curve_set is None:
+                        curve_set = validation_set(val_ds, cfg, final=final_eval)
+                    last_eval = evaluate(model, val_ds, cfg, info, autocast, val_set=curve_set)
+                    logger.log(done, last_eval, echo=info.is_main and not cfg.progress)
+                saved_now = (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == end_step
+                if saved_now:
+                    kept = checkpoint(done)
+                requested = stop.requested is not None
+                if info.world_size > 1:  # every rank stops at the same step (the checkpoint is collective)
+                    flag = torch.tensor(float(requested), device=info.device)
+                    requested = float(all_reduce_sum(flag, info)) > 0
+                if requested and done < end_step:
+                    kept = kept if saved_now else checkpoint(done)
+                    raise TrainingInterrupted(
+                        f"stopped by {stop.requested or 'a signal on another rank'} after step {done}; checkpoint "
+                        f"saved to {kept}; continue with `kvshift train --resume {out}`", done, kept, out)
     finally:
         if bar is not None:
             bar.close()
         logger.close()
 
-    summary = {"steps": end_step, "losses": losses, "final_loss": losses[-1] if losses else None,
+    previous = _read_summary(out) if start_step > 0 else {}
+    summary = {"steps": end_step, "losses": losses,
+               "final_loss": losses[-1] if losses else previous.get("final_loss"),
                "tokens": end_step * tokens_per_step, "seconds": time.perf_counter() - t0, **last_eval}
     if curve_set is not None:  # which documents and how many tokens the last validation scored
         summary["validation"] = {k: v for k, v in curve_set.items() if k != "rows"}
@@ -310,8 +426,27 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: str | os.PathLik
         state = get_model_state_dict(model, options=opts)
         if info.is_main:
             data_dir = Path(cfg.data.path) if cfg.data.source == "prepared" else None
-            summary["final_dir"] = str(_save_final(base, cfg, out, state, data_dir))
+            summary["final_dir"] = str(_save_final(base, out, state, data_dir))
     if info.is_main:
-        (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+        atomic_write_text(out / "summary.json",
+                          json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
     teardown()
     return summary
+
+
+def _read_summary(out: Path) -> dict:
+    try:
+        return json.loads((out / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _already_finished(resumed: tuple, cfg: TrainConfig, info: DistInfo) -> dict:
+    """``--resume`` of a run that reached ``cfg.steps``: change nothing, return its summary."""
+    folder, step = resumed[3], int(resumed[2]["step"])
+    summary = _read_summary(run_dir_of(folder))
+    if info.is_main:
+        print(f"{run_dir_of(folder)} already finished ({step} of {cfg.steps} steps); nothing to do, nothing "
+              f"rewritten (pass --set steps=N with N > {step} to train longer)", file=sys.stderr)
+    teardown()
+    return {**summary, "steps": summary.get("steps", step), "losses": []}

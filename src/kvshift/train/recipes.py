@@ -18,7 +18,7 @@ def tiny() -> TrainConfig:
         data=DataConfig(source="stdlib-bytes", seq_len=64, batch_size=8, val_curve_tokens=1024, val_batch_size=8,
                         byte_files=20),
         optim=OptimConfig(lr=3e-3, warmup_steps=5, weight_decay=0.1),
-        steps=20, eval_every=10, log_every=5,
+        steps=20, eval_every=10, log_every=5, ckpt_every=10,
     )
 
 
@@ -34,7 +34,7 @@ def stdlib_small() -> TrainConfig:
         data=DataConfig(source="prepared", path="data/stdlib", seq_len=128, batch_size=8, val_batch_size=16,
                         val_tokens=0, val_curve_tokens=16384),
         optim=OptimConfig(lr=3e-3, warmup_steps=25, weight_decay=0.1, schedule="cosine"),
-        steps=400, eval_every=40, log_every=10,
+        steps=400, eval_every=40, log_every=10, ckpt_every=100,
     )
 
 
@@ -45,7 +45,7 @@ def stdlib_quick() -> TrainConfig:
     cfg.name = "stdlib-quick"
     cfg.data.val_tokens, cfg.data.val_curve_tokens = 49152, 8192
     cfg.optim.warmup_steps = 20
-    cfg.steps, cfg.eval_every = 160, 40
+    cfg.steps, cfg.eval_every, cfg.ckpt_every = 160, 40, 40
     return cfg
 
 
@@ -58,7 +58,7 @@ def gpt2_small() -> TrainConfig:
         data=DataConfig(source="prepared", path="data/fineweb-edu", seq_len=1024, batch_size=32, grad_accum=1,
                         val_tokens=4_000_000, val_curve_tokens=500_000, val_batch_size=16),
         optim=OptimConfig(lr=1e-3, warmup_steps=250, weight_decay=0.1, schedule="wsd", decay_frac=0.4),
-        steps=5000, eval_every=250, log_every=10, compile=True, ckpt_every=1000,
+        steps=5000, eval_every=250, log_every=10, compile=True, ckpt_every=500,
     )
 
 
