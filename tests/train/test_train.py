@@ -194,6 +194,9 @@ def _torchrun(tmp_path: Path, strategy: str, nproc: int, batch: int, name: str) 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # one summary (rank 0 only), not one per rank glued together
+    assert summary["steps"] == 4
+    assert proc.stderr.count("global batch 8 rows") == 1  # the global batch, stated once
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in recs if "loss" in r]
 
