@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,6 +136,35 @@ def test_kvshift_eval_cli_writes_json(setup, capsys):
     assert "acc,none" in results["results"][LL_TASK]
     assert results["n-samples"][LL_TASK]["effective"] == 5
     assert "samples" not in results
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()  # readable like any file written with open()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_kvshift_eval_offline_builtin_task_is_one_line(setup, tmp_path, monkeypatch, capfd):
+    """A built-in task needs its dataset from the Hub: offline that is one clear line, no traceback, and no
+    `fatal: not a git repository` from lm-eval's git lookup outside a repository."""
+    import datasets
+
+    from kvshift.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    rc = main(["eval", "--model", str(setup["model"]), "--tasks", "lambada_openai", "--device", "cpu",
+               "--limit", "2", "--output", str(tmp_path / "r.json")])
+    err = capfd.readouterr().err
+    assert rc == 2
+    lines = [line for line in err.splitlines() if line.startswith("kvshift eval")]
+    assert len(lines) == 1 and "lambada_openai" in lines[0] and "Hugging Face Hub" in lines[0]
+    assert "Traceback" not in err and "fatal: not a git repository" not in err
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_kvshift_eval_bad_input(setup, tmp_path, capsys):
@@ -154,3 +184,18 @@ def test_kvshift_eval_bad_input(setup, tmp_path, capsys):
                  str(setup["tasks"])]) == 2
     assert "unknown lm-eval task" in capsys.readouterr().err
     assert not list(tmp_path.glob("**/eval_results.json"))
+
+
+def test_git_hash_lookup_is_quiet_outside_a_repository(tmp_path, monkeypatch, capfd):
+    import lm_eval.evaluator as evaluator
+
+    from kvshift.commands.eval import _quiet_git_hash
+
+    monkeypatch.chdir(tmp_path)
+    with _quiet_git_hash():
+        assert evaluator.get_git_commit_hash() is None
+    assert "fatal" not in capfd.readouterr().err
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    if (Path.cwd() / ".git").exists():
+        with _quiet_git_hash():
+            assert evaluator.get_git_commit_hash()
