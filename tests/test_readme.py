@@ -30,6 +30,17 @@ def test_ci_runs_the_readme_test_command():
         pytest.skip("README.md not written yet")
     text = README.read_text()
     ci = (README.parent / ".ci" / "run").read_text()
-    test_cmd = "bash scripts/setup.sh && .venv/bin/python -m pytest"
+    test_cmd = "bash scripts/setup.sh --test && .venv/bin/python -m pytest"
     assert test_cmd in text and test_cmd in ci
     assert "bash scripts/setup.sh && .venv/bin/kvshift reproduce induction" in text
+
+
+def test_setup_installs_test_only_packages_only_with_test():
+    import tomllib
+
+    project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
+    core = " ".join(project["dependencies"]).lower()
+    for test_only in ("pytest", "triton", "lm-eval", "datasets", "hypothesis"):
+        assert test_only not in core and test_only in " ".join(project["optional-dependencies"]["dev"]).lower()
+    script = (README.parent / "scripts" / "setup.sh").read_text()
+    assert 'EXTRAS=""' in script and '--test|--dev) EXTRAS="[dev]"' in script and '-e ".${EXTRAS}"' in script

@@ -18,9 +18,9 @@ WHAT = ("op", "layer", "model", "decode", "all", "gpu")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=WHAT, help="which benchmark ('gpu': GPU tests + every benchmark)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for the .md / .json results")
-    parser.add_argument("--no-save", action="store_true", help="print only")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default: each benchmark's own)")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the .md / .json results (default: %(default)s)")
+    parser.add_argument("--no-save", action="store_true", help="print only, write no files (default: off)")
 
 
 def _table(rows: list[dict]) -> str:

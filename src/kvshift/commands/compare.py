@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="output folder (default: results/compare, results/compare-quick with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="the <= 6 minute CPU version (recipe stdlib-quick, paper init only)")
+                        help="the <= 6 minute CPU version (recipe stdlib-quick, paper init only; default: off)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the recipe for every arm (repeatable; default: none)")
 

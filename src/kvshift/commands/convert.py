@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shift-weight init: identity (= the source model exactly, default), paper, softmax")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="dtype of the saved weights (default: the source's)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of random shift weights (paper/softmax)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--seed", type=int, default=None, help="seed of random shift weights (paper/softmax; default: the global RNG)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (default: off)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -31,9 +31,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
         help="existing tokenizer.json, AutoTokenizer directory or hub name (default: train a byte-level BPE)",
     )
     parser.add_argument(
-        "--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="vocabulary size of the trained BPE"
+        "--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="vocabulary size of the trained BPE (default: %(default)s)"
     )
-    parser.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/HF rows")
+    parser.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/HF rows (default: %(default)s)")
     parser.add_argument(
         "--split-val",
         type=float,
@@ -41,18 +41,18 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
         dest="split_val",
         help=f"fraction of documents held out for validation (default {DEFAULT_VAL_FRACTION})",
     )
-    parser.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
-    parser.add_argument("--max-bytes", type=int, default=None, help="stop reading after this many text bytes")
-    parser.add_argument("--hf-split", default="train", help="split of a Hugging Face dataset")
-    parser.add_argument("--hf-config", default=None, help="configuration name of a Hugging Face dataset")
-    parser.add_argument("--streaming", action="store_true", help="stream the Hugging Face dataset")
-    parser.add_argument("--eos-token", default=None, help="document separator token of an existing tokenizer")
+    parser.add_argument("--max-docs", type=int, default=None, help="read at most this many documents (default: all)")
+    parser.add_argument("--max-bytes", type=int, default=None, help="stop reading after this many text bytes (default: no limit)")
+    parser.add_argument("--hf-split", default="train", help="split of a Hugging Face dataset (default: %(default)s)")
+    parser.add_argument("--hf-config", default=None, help="configuration name of a Hugging Face dataset (default: none)")
+    parser.add_argument("--streaming", action="store_true", help="stream the Hugging Face dataset (default: off, download it)")
+    parser.add_argument("--eos-token", default=None, help="document separator token of an existing tokenizer (default: its EOS token)")
     parser.add_argument("--include", action="append", default=[], metavar="GLOB",
                         help="read only local files whose relative path or name matches (repeatable; default: all)")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="skip local files whose relative path or name matches (repeatable; default: none)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a differently prepared --out")
-    parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    parser.add_argument("--overwrite", action="store_true", help="replace a differently prepared --out (default: off)")
+    parser.add_argument("--no-progress", action="store_true", help="disable progress bars (default: bars when stderr is a terminal)")
 
 
 def run_prepare(args: argparse.Namespace) -> int:

@@ -27,10 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model directory with its tokenizer (kvshift or any Hugging Face causal LM)")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (globs allowed)")
     parser.add_argument("--include-path", default=None, metavar="DIR",
-                        help="extra directory of task YAML files")
+                        help="extra directory of task YAML files (default: none)")
     parser.add_argument("--batch-size", type=_batch_size, default=1, help="int or 'auto' (default 1)")
     parser.add_argument("--limit", type=float, default=None,
-                        help="at most this many examples per task (a fraction if < 1; for testing)")
+                        help="at most this many examples per task (a fraction if < 1; for testing; default: all)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0... (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="dtype of the model weights (default: auto, the checkpoint's)")
@@ -38,10 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="few-shot examples per prompt (default: each task's own)")
     parser.add_argument("--output", default=None, metavar="PATH",
                         help="results JSON (default: DIR/eval_results.json)")
-    parser.add_argument("--log-samples", action="store_true", help="keep per-example outputs in the JSON")
-    parser.add_argument("--seed", type=int, default=0, help="seed of python/numpy/torch and few-shot sampling")
+    parser.add_argument("--log-samples", action="store_true", help="keep per-example outputs in the JSON (default: off)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of python/numpy/torch and few-shot sampling (default: %(default)s)")
     parser.add_argument("--bootstrap-iters", type=int, default=1000,
-                        help="bootstrap iterations for standard errors (0 = none)")
+                        help="bootstrap iterations for standard errors (0 = none; default: %(default)s)")
 
 
 def evaluate(

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: the generation config)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: the generation config)")
     parser.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1, no beam search)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the sampler")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: not seeded)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="dtype of the model weights (default: auto, the checkpoint's)")
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the last max_position_embeddings tokens of a longer prompt (default: refuse "
                              "such a prompt with an error)")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object per prompt ({prompt, completion}) instead of plain text")
+                        help="print one JSON object per prompt ({prompt, completion}) instead of plain text (default: off)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,11 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="quick", action="store_true", default=True,
                       help="CPU-sized settings (default)")
-    mode.add_argument("--full", dest="quick", action="store_false", help="paper-scale settings (for a GPU)")
+    mode.add_argument("--full", dest="quick", action="store_false", help="paper-scale settings (for a GPU; default: off, --quick)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per model (default 3)")
-    parser.add_argument("--out", default="results", help="output folder; each experiment writes OUT/<name>/")
+    parser.add_argument("--out", default="results", help="output folder; each experiment writes OUT/<name>/ (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="override the training steps of the trained experiments (smoke tests)")
+                        help="override the training steps of the trained experiments (smoke tests; default: each experiment's own)")
 
 
 def run_experiment(name: str, *, quick: bool = True, seeds: int = 3, out: str | Path = "results",

@@ -18,7 +18,7 @@ from ..report import (  # noqa: F401  (re-exported for the experiment modules)
     to_jsonable,
 )
 
-__all__ = ["ROW_COLUMNS", "write_results"]
+__all__ = ["ROW_COLUMNS", "write_results", "model_styles"]
 
 # The fields every row of a results.json carries, in table order.
 ROW_COLUMNS: tuple[str, ...] = ("model", "layers", "kv_shift", "metric", "mean", "std", "seeds")
@@ -63,3 +63,16 @@ def write_results(
         md.append("")
     atomic_write_text(out / "results.md", "\n".join(md))
     return payload
+
+
+def model_styles(kv_shift: dict[str, bool]) -> dict[str, dict[str, Any]]:
+    """Matplotlib styles for models ``{name: uses KV shift}``: a vanilla model and the KV-shifting model of
+    the same size (``vanilla-XS`` / ``kvshift-XS``) share a colour; KV shifting is solid, vanilla dashed."""
+    palette = [f"C{i}" for i in range(10)]
+    colours: dict[str, str] = {}
+    out = {}
+    for name, kv in kv_shift.items():
+        size = name.split("-", 1)[1] if "-" in name else name
+        colour = colours.setdefault(size, palette[len(colours) % len(palette)])
+        out[name] = {"color": colour, "linestyle": "-" if kv else "--"}
+    return out

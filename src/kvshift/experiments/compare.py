@@ -196,14 +196,18 @@ def compare(recipe: str, seeds: int, out: str | Path, data: str | None = None, o
                    f"{t['key_previous/value_current']} | {t['key_previous/value_previous']} | "
                    f"{s['off_convex_line']} / {s['num_heads']} | {s['with_negative_weight']} |\n")
     atomic_write_text(out / "results.md", md)
-    _plot(runs, recipe, out / "val_loss.png")
+    from ..report import save_figure
+
+    save_figure(plot_compare(runs, recipe), out / "val_loss.png")
     return payload
 
 
-def _plot(runs: dict[str, list[dict]], recipe: str, path: Path) -> None:
+def plot_compare(runs: dict[str, list[dict]], recipe: str):
+    """Validation-loss curves per arm (mean, shaded +- 1 std over seeds) and the paired differences to
+    vanilla. Returns the figure."""
     import numpy as np
 
-    from ..report import get_pyplot, save_figure
+    from ..report import get_pyplot
 
     plt = get_pyplot()
     fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -235,4 +239,4 @@ def _plot(runs: dict[str, list[dict]], recipe: str, path: Path) -> None:
     dx.grid(alpha=0.3)
     dx.legend()
     fig.tight_layout()
-    save_figure(fig, path)
+    return fig

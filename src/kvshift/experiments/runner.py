@@ -14,7 +14,7 @@ from ..report import get_pyplot, mean_std, save_figure
 from .common import write_results
 from .toy_train import ModelSpec, RunSpec, steps_to_reach, train_on_task
 
-__all__ = ["run_task_experiment", "analysis_markdown"]
+__all__ = ["run_task_experiment", "analysis_markdown", "plot_curves"]
 
 
 def _pick_lr(task, spec, run, metric, eval_batch, lr_grid, bar) -> tuple[float, dict]:
@@ -44,11 +44,13 @@ def run_task_experiment(
     head_vocab: tuple[int, int] | None = None,
     notes: list[str] | None = None,
     extra_eval: Callable | None = None,
+    figure: str | None = None,
 ) -> dict:
     """Train every spec for ``seeds`` seeds and write results.json / results.md / config.json / curves.png.
 
     The LR of each model is picked from ``lr_grid`` on seed 0 (the selection run is that seed's result);
-    seeds 1.. reuse the chosen LR. All models see the same data for the same seed.
+    seeds 1.. reuse the chosen LR. All models see the same data for the same seed. ``figure`` names the
+    paper figure the plot reproduces (its title says so).
     """
     out = Path(out_dir)
     eval_batch = task.sample(eval_size, 987_654)  # held out: training batches use seeds 10_000+
@@ -88,7 +90,10 @@ def run_task_experiment(
                "params"]
     payload = write_results(out, name, rows, config,
                             extra={"runs": runs, "analysis": analysis, "notes": notes or []}, columns=columns)
-    _plot_curves(out / "curves.png", name, runs, metric_name)
+    kv = {spec.name: spec.kv_shift for spec in specs}
+    fig = plot_curves(runs, kv, title=f"{name} (paper {figure})" if figure else name, metric_name=metric_name,
+                      threshold=threshold, bounds=(0.0, 1.0))
+    save_figure(fig, out / "curves.png")
     md = (out / "results.md").read_text()
     md += "\n" + analysis_markdown(analysis)
     from ..report import atomic_write_text
@@ -123,25 +128,44 @@ def analysis_markdown(analysis: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot_curves(path: Path, name: str, runs: list[dict], metric_name: str) -> None:
+def plot_curves(runs: list[dict], kv_shift: dict[str, bool], *, title: str, metric_name: str,
+                threshold: float | None = None, bounds: tuple[float, float] | None = None):
+    """Mean curve per model over its seeds (at the chosen LR), shaded +- 1 std (clipped to ``bounds``); a
+    vanilla model and the KV-shifting one of its size share a colour (vanilla dashed); a dotted line marks
+    ``threshold`` (the "steps to reach" level). Returns the figure."""
     import numpy as np
+
+    from .common import model_styles
 
     plt = get_pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     by_model: dict[str, list[dict]] = {}
     for r in runs:
         by_model.setdefault(r["model"], []).append(r)
+    styles = model_styles({m: kv_shift.get(m, m.startswith("kvshift")) for m in by_model})
+    n_seeds = set()
     for model, rs in by_model.items():
         lr = rs[-1]["lr"]
         rs = [r for r in rs if r["lr"] == lr]  # grid-selection runs at other LRs are left out
         steps = np.array([s for s, _ in rs[0]["curve"]])
         vals = np.array([[v for _, v in r["curve"]] for r in rs if len(r["curve"]) == len(steps)])
         m, s = vals.mean(0), vals.std(0)
-        ax.plot(steps, m, label=f"{model} (lr {lr:g}, {len(vals)} seeds)")
-        ax.fill_between(steps, m - s, m + s, alpha=0.2)
+        lo, hi = m - s, m + s
+        if bounds is not None:
+            lo, hi = np.clip(lo, *bounds), np.clip(hi, *bounds)
+        ax.plot(steps, m, label=f"{model} (lr {lr:g})", **styles[model])
+        ax.fill_between(steps, lo, hi, alpha=0.15, color=styles[model]["color"], linewidth=0)
+        n_seeds.add(len(vals))
+    if threshold is not None:
+        ax.axhline(threshold, color="0.3", linestyle=":", linewidth=1,
+                   label=f"{threshold:.0%} (the steps-to-{threshold:.0%} threshold)")
+    if bounds is not None:
+        ax.set_ylim(bounds[0] - 0.02, bounds[1] + 0.02)
+    seeds = "/".join(str(n) for n in sorted(n_seeds))
     ax.set_xlabel("training step")
     ax.set_ylabel(metric_name)
-    ax.set_title(name)
+    ax.set_title(f"{title}\nmean over {seeds} seeds; shaded: +- 1 std over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    save_figure(fig, path)
+    fig.tight_layout()
+    return fig

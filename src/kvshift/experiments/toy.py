@@ -11,6 +11,7 @@ from ..report import atomic_write_text, get_pyplot, mean_std, save_figure
 from ..tasks.hopk import HopKTask, error_rate_by_k
 from ..tasks.induction import InductionTask, induction_accuracy, masked_accuracy
 from ..tasks.ngram import NGramTask, ngram_accuracy
+from .common import model_styles
 from .runner import run_task_experiment
 from .toy_train import ModelSpec, RunSpec
 
@@ -63,7 +64,7 @@ def run_induction(quick: bool = True, seeds: int = 3, out_dir: str | Path = "res
     return run_task_experiment(
         "induction", task, specs, run, induction_accuracy, "induction accuracy", seeds=seeds, lr_grid=lr_grid,
         out_dir=out_dir, eval_size=eval_size, config=_config("induction", quick, seeds, task, specs, run, lr_grid),
-        head_vocab=(task.reserved, task.vocab_size), notes=notes)
+        head_vocab=(task.reserved, task.vocab_size), notes=notes, figure="Fig. 1a")
 
 def run_induction_width(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results/induction-width", steps: int | None = None) -> dict:
     """Fig. 1b: hidden size 8, 1-layer KV shifting vs 2-layer vanilla."""
@@ -83,7 +84,7 @@ def run_induction_width(quick: bool = True, seeds: int = 3, out_dir: str | Path 
         "induction-width", task, specs, run, induction_accuracy, "induction accuracy", seeds=seeds,
         lr_grid=lr_grid, out_dir=out_dir, eval_size=eval_size,
         config=_config("induction-width", quick, seeds, task, specs, run, lr_grid),
-        head_vocab=(task.reserved, task.vocab_size), notes=notes, threshold=0.5)
+        head_vocab=(task.reserved, task.vocab_size), notes=notes, threshold=0.5, figure="Fig. 1b")
 
 def run_ngram(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results/ngram", steps: int | None = None) -> dict:
     """Fig. 3: 3-gram lookup at three model sizes, KV shifting vs vanilla; expected: no difference."""
@@ -102,7 +103,7 @@ def run_ngram(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results
         out_dir=out_dir, eval_size=1000, config=_config("ngram", quick, seeds, task, specs, run, lr_grid),
         notes=["200 fixed (x1, x2) -> x3 triples over 63 ids, sequences of 16 triples; metric: accuracy on x3",
                "paper claim (Fig. 3): curves overlap at every size (the gain is specific to induction)"],
-        threshold=0.9)
+        threshold=0.9, figure="Fig. 3")
     return payload
 
 def _hopk_eval(task, eval_batch):
@@ -141,7 +142,7 @@ def run_hopk(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results/
         "hopk", task, specs, run, _hop_metric, "token accuracy (all k)", seeds=seeds, lr_grid=lr_grid,
         out_dir=out, eval_size=500, config=_config("hopk", quick, seeds, task, specs, run, lr_grid, {
             "deviation": "Llama block with RoPE instead of the GPT-2 (learned absolute positions) of Sanford et al."}),
-        threshold=None, extra_eval=_hopk_eval(task, eval_batch),
+        threshold=None, extra_eval=_hopk_eval(task, eval_batch), figure="App. H, Fig. 9",
         notes=["metric: per-token accuracy over all k; error_by_k in results.json and hopk_error.png",
                "paper claim (Fig. 9): at depth 5 vanilla's error jumps past k = 8 while KV shifting stays low to k = 16",
                "quick mode: k <= 4, 32 characters, depths 1-2, 600 steps (far from the paper's 100k steps)"])
@@ -152,16 +153,26 @@ def run_hopk(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results/
         errs = {int(k): v for k, v in row["error_by_k"].items()}
         lines.append(f"| {row['model']} | " + " | ".join(f"{errs[k]:.3f}" for k in ks) + " |")
     atomic_write_text(out / "results.md", (out / "results.md").read_text() + "\n".join(lines) + "\n")
-    plt = get_pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for row in payload["rows"]:
-        ks = sorted(int(k) for k in row["error_by_k"])
-        ax.plot(ks, [row["error_by_k"][str(k)] if str(k) in row["error_by_k"] else row["error_by_k"][k] for k in ks],
-                marker="o", linestyle="-" if row["kv_shift"] else "--", label=row["model"])
-    ax.set_xlabel("hop count k")
-    ax.set_ylabel("error rate")
-    ax.set_title("hop-k: error rate by k")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig = plot_hopk(payload["rows"], seeds)
     save_figure(fig, out / "hopk_error.png")
     return payload
+
+
+def plot_hopk(rows: list[dict], seeds: int):
+    """Error rate by hop count, one line per model (vanilla dashed, KV shifting solid; one colour per
+    size), integer ticks at the hop counts measured. Returns the figure."""
+    plt = get_pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    styles = model_styles({row["model"]: row["kv_shift"] for row in rows})
+    ks = sorted({int(k) for row in rows for k in row["error_by_k"]})
+    for row in rows:
+        errs = {int(k): v for k, v in row["error_by_k"].items()}
+        ax.plot(sorted(errs), [errs[k] for k in sorted(errs)], marker="o", label=row["model"], **styles[row["model"]])
+    ax.set_xticks(ks)  # hop counts are integers
+    ax.set_xlabel("hop count k")
+    ax.set_ylabel("error rate")
+    ax.set_title(f"hop-k (paper App. H, Fig. 9): error rate by k, mean over {seeds} seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

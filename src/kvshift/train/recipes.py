@@ -45,7 +45,7 @@ def stdlib_quick() -> TrainConfig:
     cfg.name = "stdlib-quick"
     cfg.data.val_tokens, cfg.data.val_curve_tokens = 49152, 8192
     cfg.optim.warmup_steps = 20
-    cfg.steps, cfg.eval_every, cfg.ckpt_every = 160, 40, 40
+    cfg.steps, cfg.eval_every, cfg.ckpt_every = 160, 20, 40  # a val curve of 8 points
     return cfg
 
 
