@@ -65,7 +65,7 @@ def test_hub_errors_classify():
     with pytest.raises(paths.HubUnavailable, match="could not be reached"):
         with paths.hub_errors("--from", "a/b"):
             raise ConnectionError("Max retries exceeded with url: https://huggingface.co/a/b")
-    with pytest.raises(FileNotFoundError, match="neither a local path nor found"):
+    with pytest.raises(FileNotFoundError, match="neither an existing local path nor found"):
         with paths.hub_errors("--source", "a/b"):
             raise FileNotFoundError("Dataset 'a/b' doesn't exist on the Hub")
     with pytest.raises(KeyError):

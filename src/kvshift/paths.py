@@ -146,7 +146,7 @@ def hub_errors(what: str, name: str, *, offline_message: str | None = None,
         if only_offline:
             raise
         if isinstance(err, FileNotFoundError):
-            raise FileNotFoundError(f"{what} {name!r} is neither a local path nor found on the Hugging Face "
+            raise FileNotFoundError(f"{what} {name!r} is neither an existing local path nor found on the Hugging Face "
                                     f"Hub: {first[:300]}") from None
         raise ValueError(f"{what} {name!r} is not a local path and could not be loaded from the Hugging Face "
                          f"Hub: {type(err).__name__}: {first[:300]}") from None

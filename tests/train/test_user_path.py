@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from kvshift.cli import main
 from kvshift.train import checkpoint as ckpt_mod
@@ -201,3 +200,19 @@ def test_nan_before_any_checkpoint_says_none_was_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "_nll_sum", lambda *a: (lambda nll, n: (nll * float("nan"), n))(*real(*a)))
     with pytest.raises(loop.TrainingDiverged, match="no checkpoint was written"):
         train(tiny(steps=4), tmp_path / "run")
+
+
+def test_a_second_signal_aborts_at_once_without_saving(tmp_path, monkeypatch):
+    real = loop.lr_factor
+
+    def twice_at_step_2(step, total, cfg):  # called once per parameter group: two signals in one step
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(step, total, cfg)
+
+    monkeypatch.setattr(loop, "lr_factor", twice_at_step_2)
+    with pytest.raises(KeyboardInterrupt) as info:
+        train(tiny(steps=10, eval_every=10, ckpt_every=0), tmp_path / "run")
+    assert not isinstance(info.value, TrainingInterrupted)
+    assert steps_on_disk(tmp_path / "run") == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
