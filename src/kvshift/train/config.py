@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["OPTIM_IMPLEMENTATIONS", "ModelConfig", "DataConfig", "OptimConfig", "DistributedConfig", "TrainConfig",
+__all__ = ["OPTIM_IMPLEMENTATIONS", "ATTN_IMPLEMENTATIONS", "ModelConfig", "DataConfig", "OptimConfig", "DistributedConfig", "TrainConfig",
            "apply_overrides", "config_to_dict", "config_from_dict"]
 
 
@@ -31,6 +31,9 @@ class ModelConfig:
     kv_shift_init: str = "paper"
     kv_shift_position: str = "pre_rope"
     kv_shift_parametrization: str = "free"
+    # auto: flex_attention on CUDA (block-sparse document masks for packed rows), sdpa on CPU; or any of
+    # ATTN_IMPLEMENTATIONS (flex_attention trains on CUDA only: no backward on CPU)
+    attn_implementation: str = "auto"
 
 
 @dataclass
@@ -56,6 +59,7 @@ class DataConfig:
 
 
 OPTIM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "loop")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
 @dataclass
@@ -108,6 +112,7 @@ class TrainConfig:
             "data.source": (self.data.source, ("prepared", "stdlib-bytes")),
             "optim.schedule": (self.optim.schedule, ("cosine", "wsd", "constant")),
             "optim.implementation": (self.optim.implementation, OPTIM_IMPLEMENTATIONS),
+            "model.attn_implementation": (self.model.attn_implementation, ATTN_IMPLEMENTATIONS),
             "distributed.strategy": (self.distributed.strategy, ("none", "ddp", "fsdp")),
             "device": (self.device, ("auto", "cpu", "cuda")),
             "dtype": (self.dtype, ("auto", "float32", "bfloat16")),

@@ -100,11 +100,21 @@ def load_datasets(cfg: TrainConfig):
     return TokenDataset(path, "train"), TokenDataset(path, "val")
 
 
-def build_model_for_data(cfg: TrainConfig, vocab_size: int, eos_id: int | None) -> KVShiftForCausalLM:
+def attention_for_device(attn_implementation: str, device_type: str) -> str:
+    """``model.attn_implementation="auto"``: FlexAttention on CUDA (packed rows get a block-sparse document
+    mask, never a dense one), SDPA elsewhere (FlexAttention has no backward on CPU in torch 2.13)."""
+    if attn_implementation != "auto":
+        return attn_implementation
+    return "flex_attention" if device_type == "cuda" else "sdpa"
+
+
+def build_model_for_data(cfg: TrainConfig, vocab_size: int, eos_id: int | None,
+                         device_type: str = "cpu") -> KVShiftForCausalLM:
     """The model of ``cfg.model`` (fields named as in :class:`KVShiftConfig`, which owns them) for this
     data: vocabulary, context length and EOS (which also pads; no BOS) from the data; inference defaults
     (``use_cache``) saved, as the trainer passes ``use_cache=False`` itself."""
     fields = dataclasses.asdict(cfg.model)
+    fields["attn_implementation"] = attention_for_device(fields["attn_implementation"], device_type)
     vocab = fields.pop("vocab_size") or vocab_size
     if vocab < vocab_size:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary ({vocab_size} ids)")
@@ -117,7 +127,12 @@ def build_model_for_data(cfg: TrainConfig, vocab_size: int, eos_id: int | None) 
 def _nll_sum(model, batch, device, autocast) -> tuple[torch.Tensor, int]:
     ids = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
-    pos = batch["position_ids"].to(device, non_blocking=True)
+    # Decided on the host copy of the batch (no device sync, no data-dependent branch in the model): a
+    # batch in which no document starts inside a row is plain causal attention, so the model gets no
+    # position_ids and builds no mask (SDPA's is_causal / flash path); only packed batches pass them.
+    pos = batch["position_ids"]
+    packed = bool((pos[:, 1:] == 0).any())
+    pos = pos.to(device, non_blocking=True) if packed else None
     with autocast():
         logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
@@ -285,7 +300,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: str | os.PathLik
         torch.set_num_threads(cfg.threads)
 
     train_ds, val_ds = load_datasets(cfg)
-    base = build_model_for_data(cfg, train_ds.vocab_size, train_ds.eos_id).to(info.device)
+    attn = attention_for_device(cfg.model.attn_implementation, info.device.type)
+    if attn == "flex_attention" and info.device.type == "cpu":
+        raise ValueError("model.attn_implementation=flex_attention cannot train on CPU (FlexAttention has no "
+                         "backward on CPU in torch 2.13); use sdpa or auto")
+    base = build_model_for_data(cfg, train_ds.vocab_size, train_ds.eos_id, info.device.type).to(info.device)
     for name, p in base.named_parameters():  # the shift scalars stay fp32 whatever the compute dtype
         if is_shift_parameter(name):
             p.data = p.data.float()

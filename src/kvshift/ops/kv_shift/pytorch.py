@@ -33,6 +33,16 @@ def _shift_forward(x, weight, prev, keep):
     return y
 
 
+def _shift_functional(x, weight, prev, keep):
+    """The same map out of place, for ``torch.compile``: Dynamo cannot trace the in-place custom autograd
+    (``out=`` into strided views), and Inductor fuses this form into one kernel with its own backward."""
+    H = x.shape[2]
+    w0, w1 = weight[:, 0].view(1, 1, H, 1), weight[:, 1].view(1, 1, H, 1)
+    first = prev[:, None] if prev is not None else torch.zeros_like(x[:, :1])
+    pred = _masked(torch.cat([first, x[:, :-1]], dim=1), keep)
+    return x * w0 + pred * w1
+
+
 class KVShiftTorchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, prev, keep):
@@ -83,6 +93,8 @@ def kv_shift_torch(
     xc, wc, pc = x.to(cdt), weight.to(cdt), None if prev is None else prev.to(cdt)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (prev is not None and prev.requires_grad))
+    if torch.compiler.is_compiling():
+        return _shift_functional(xc, wc, pc, keep).to(x.dtype)
     if not needs_grad:  # inference (decode steps): no autograd bookkeeping
         return _shift_forward(xc, wc, pc, keep).to(x.dtype)
     # position 0 reads prev (when given) unless a reset or the mask says otherwise; without prev it is 0
