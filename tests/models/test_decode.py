@@ -168,3 +168,49 @@ def test_state_after_prefill_does_not_keep_the_chunk_alive():
     layer = out.past_key_values.layers[0]
     assert layer.shift_k.shape[1] == 1
     assert layer.shift_k.untyped_storage().nbytes() == layer.shift_k.numel() * layer.shift_k.element_size()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_decode_step_is_one_branch_free_path(compiled, monkeypatch):
+    """A single-token step with a cache and position_ids takes the small decode path (kv_shift_step) in
+    eager and compiled mode alike, and a document start at that step (position 0 after cached tokens)
+    still resets: the token equals the same token run alone."""
+    from kvshift.layers import attention as attn_mod
+
+    real_rope = attn_mod.kv_shift_rope
+
+    def no_single_tokens(x, *args, **kwargs):
+        assert x.shape[1] > 1 or kwargs.get("prev") is None, "a decode step went through the general op"
+        return real_rope(x, *args, **kwargs)
+
+    monkeypatch.setattr(attn_mod, "kv_shift_rope", no_single_tokens)
+    m = tiny_model()
+    step = torch.compile(m, backend="eager", fullgraph=False) if compiled else m
+    torch.manual_seed(1)
+    doc_a, tok = torch.randint(3, 97, (2, 6)), torch.randint(3, 97, (2, 1))
+    with torch.no_grad():
+        cache = DynamicCache(config=m.config)
+        m(doc_a, past_key_values=cache, use_cache=True)
+        cont = step(tok, past_key_values=cache, use_cache=True,
+                    position_ids=torch.full((2, 1), 6)).logits  # continues doc A
+        cache = DynamicCache(config=m.config)
+        m(doc_a, past_key_values=cache, use_cache=True)
+        new_doc = step(tok, past_key_values=cache, use_cache=True,
+                       position_ids=torch.zeros(2, 1, dtype=torch.long)).logits  # starts doc B
+        whole = m(torch.cat([doc_a, tok], 1), use_cache=False).logits[:, -1:]
+        alone = m(tok, use_cache=False).logits
+    torch.testing.assert_close(cont, whole, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(new_doc, alone, rtol=TOL, atol=TOL)
+
+
+def test_decode_step_reset_equals_the_op():
+    from kvshift import kv_shift
+    from kvshift.ops.kv_shift import kv_shift_step
+
+    torch.manual_seed(0)
+    x, prev, w = torch.randn(3, 1, 2, 4), torch.randn(3, 1, 2, 4), torch.randn(2, 2)
+    reset = torch.tensor([[True], [False], [True]])
+    torch.testing.assert_close(kv_shift_step(x, w, prev, reset),
+                               kv_shift(x, w, prev=prev[:, 0], reset_mask=reset, backend="reference"))
+    with pytest.raises(ValueError, match="reset_mask"):
+        kv_shift_step(x, w, prev, reset[:2])

@@ -134,8 +134,8 @@ def test_kernels_write_every_element(rope):
     y = kernels._kv_shift_fwd(x, w, cos, sin, keep, prev, True, out=x.new_full((B, H, T, D), nan))
     torch.testing.assert_close(y, _reference(x, w, cos, sin, keep, prev), **_tol(torch.float32))
 
-    block_t, _ = kernels._blocks(B * T, D, rope)
-    partial = torch.full((triton.cdiv(B * T, block_t), H, 2), nan, device=DEVICE)
+    block_t, _ = kernels._blocks(T, D, rope)
+    partial = torch.full((B * triton.cdiv(T, block_t), H, 2), nan, device=DEVICE)
     gx, gw, gp = kernels._kv_shift_bwd(
         gy, x, w, cos, sin, keep, prev, True,
         grad_x=torch.full_like(x, nan), grad_prev=torch.full_like(prev, nan), grad_weight_partial=partial,

@@ -129,8 +129,8 @@ def test_kernels_write_every_element(with_prev):
     y = kernels._kv_shift_fwd(x, w, None, None, keep, prev, False, out=torch.full_like(x, nan))
     torch.testing.assert_close(y, kv_shift_ref(x, w, prev=prev, attention_mask=am), atol=1e-6, rtol=1e-6)
 
-    block_t, _ = kernels._blocks(B * T, D, False)
-    partial = torch.full((triton.cdiv(B * T, block_t), H, 2), nan, device=DEVICE)
+    block_t, _ = kernels._blocks(T, D, False)
+    partial = torch.full((B * triton.cdiv(T, block_t), H, 2), nan, device=DEVICE)
     gp_buf = torch.full((B, H, D), nan, device=DEVICE) if with_prev else None
     gx, gw, gp = kernels._kv_shift_bwd(
         gy, x, w, None, None, keep, prev, False,

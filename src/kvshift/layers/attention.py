@@ -131,8 +131,8 @@ class KVShiftAttention(nn.Module):
         if self.shift_position == "post_rope":
             k = apply_rope(self.k_norm(k) if self.k_norm is not None else k, cos, sin)
         raw_k, raw_v = k, v  # the raw (pre-shift) rows are the next chunk's predecessors
-        if T == 1 and prev_k is not None and reset_mask is None:  # a decode step: two small ops per tensor
-            k, v = kv_shift_step(k, k_w, prev_k), kv_shift_step(v, v_w, prev_v)
+        if T == 1 and prev_k is not None:  # a decode step: a few small ops per tensor, branch-free
+            k, v = kv_shift_step(k, k_w, prev_k, reset_mask), kv_shift_step(v, v_w, prev_v, reset_mask)
             if self.shift_position == "pre_rope":
                 k = apply_rope(self.k_norm(k) if self.k_norm is not None else k, cos, sin)
             k, v = k.transpose(1, 2), v.transpose(1, 2)

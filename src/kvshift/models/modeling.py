@@ -32,7 +32,7 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.
     """``[1, total]`` positions restarting at 0 at every offset of ``cu_seqlens``."""
     cu = cu_seqlens.to(torch.long)
     lengths = cu[1:] - cu[:-1]
-    starts = torch.repeat_interleave(cu[:-1], lengths)
+    starts = torch.repeat_interleave(cu[:-1], lengths, output_size=total)  # output_size: no device sync
     return (torch.arange(total, device=cu.device) - starts)[None]
 
 
@@ -164,7 +164,11 @@ class KVShiftModel(KVShiftPreTrainedModel):
             position_ids = position_ids.expand(B, T)
 
         reset_mask = reset_mask_from_position_ids(position_ids, past) if may_pack else None
-        if reset_mask is not None and not torch.compiler.is_compiling() and not bool(reset_mask.any()):
+        # Dropping a reset mask without resets keeps SDPA's is_causal path; deciding that reads the mask,
+        # which is free on CPU but a device sync elsewhere: on GPU (and under torch.compile) the mask is kept
+        # and every path below handles it branch-free. Pass position_ids on GPU only for packed rows.
+        if (reset_mask is not None and reset_mask.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not bool(reset_mask.any())):
             reset_mask = None
         kv_offset = 0
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and cache is not None:

@@ -72,16 +72,21 @@ def kv_shift(
     )
 
 
-def kv_shift_step(x: torch.Tensor, weight: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """One decode step: ``kv_shift(x, weight, prev=prev[:, 0])`` for a single new token, in two ops.
+def kv_shift_step(x: torch.Tensor, weight: torch.Tensor, prev: torch.Tensor,
+                  reset_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One decode step: ``kv_shift(x, weight, prev=prev[:, 0], reset_mask=reset_mask)`` for a single new
+    token, in two or three ops and without a branch on the data (the same path in eager and compiled
+    decoding).
 
-    The hot path of token-by-token generation, so it skips the general op's mask handling (a single
-    token continuing a sequence has no boundary inside it) and checks only what it relies on.
+    The hot path of token-by-token generation, so it skips the general op's padding handling (a single
+    token continuing a sequence has no padding inside it) and checks only what it relies on.
 
     Args:
         x: ``[B, 1, H, D]`` raw key or value of the new token.
         weight: ``[H, 2]`` (current, previous).
         prev: ``[B, 1, H, D]`` raw key or value of the token before it.
+        reset_mask: ``[B, 1]`` bool, True where the new token starts a document (it then reads a zero
+            predecessor); None = no reset.
     """
     if x.dim() != 4 or x.shape[1] != 1:
         raise ValueError(f"x must be [B, 1, H, D] (one new token), got shape {list(x.shape)}")
@@ -89,6 +94,12 @@ def kv_shift_step(x: torch.Tensor, weight: torch.Tensor, prev: torch.Tensor) -> 
         raise ValueError(f"prev must have x's shape {list(x.shape)}, got {list(prev.shape)}")
     if weight.shape != (x.shape[2], 2):
         raise ValueError(f"weight must have shape [H, 2] = [{x.shape[2]}, 2], got {list(weight.shape)}")
+    if reset_mask is not None:
+        if tuple(reset_mask.shape) != (x.shape[0], 1):
+            raise ValueError(f"reset_mask must have shape [B, 1] = [{x.shape[0]}, 1], got "
+                             f"{list(reset_mask.shape)}")
+        prev = torch.where(reset_mask[:, :, None, None], torch.zeros((), dtype=prev.dtype, device=prev.device),
+                           prev)
     # [H, 1] columns broadcast over [B, 1, H, D]; the products run in the promoted dtype, like kv_shift
     y = torch.addcmul(prev * weight[:, 1:], x, weight[:, :1])
     return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -119,11 +130,11 @@ def kv_shift_rope(
     validate_kv_shift_args(x, weight, None, attention_mask, prev, reset_mask)
     validate_rope_args(x, cos, sin)
     if _use_triton(x, backend):
-        from .triton import kv_shift_rope_triton
+        from .triton import kv_shift_rope_triton_unchecked
 
         keep = previous_token_keep_mask(x.shape[0], x.shape[1], x.device, attention_mask=attention_mask,
                                         has_prev=True, reset_mask=reset_mask)
-        return kv_shift_rope_triton(x, weight, cos, sin, keep=keep, prev=prev)
+        return kv_shift_rope_triton_unchecked(x, weight, cos, sin, keep=keep, prev=prev)  # validated above
     from ..rope import apply_rope
 
     shift = kv_shift_ref if backend == "reference" else kv_shift_torch  # arguments validated above

@@ -13,7 +13,8 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def validate_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int) -> None:
-    """Raise ``ValueError`` unless ``cu_seqlens`` is ``[0, ..., T]``, strictly increasing, for ``B == 1``."""
+    """Raise ``ValueError`` unless ``cu_seqlens`` is ``[0, ..., T]``, strictly increasing, for ``B == 1``
+    (the values are read only for a CPU tensor outside ``torch.compile``: anything else would sync)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
         raise ValueError("cu_seqlens must be a 1-D integer tensor of document offsets [N+1]")
     if cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool:
@@ -21,7 +22,11 @@ def validate_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int) -> None:
     if B != 1:
         raise ValueError(f"cu_seqlens describes one packed row: x must have B == 1, got B = {B}")
     if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must hold at least 2 offsets [0, ..., T], got {cu_seqlens.tolist()}")
+        raise ValueError(f"cu_seqlens must hold at least 2 offsets [0, ..., T], got {cu_seqlens.numel()}")
+    if cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling():
+        # Reading the values of a device tensor is a host sync (and a graph break under torch.compile),
+        # so the values are checked only for CPU tensors (as flash-attention's varlen API, which checks none)
+        return
     cu = cu_seqlens.tolist()
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .checks import previous_token_keep_mask, validate_kv_shift_args, validate_rope_args
 
-__all__ = ["kv_shift_triton", "kv_shift_rope_triton"]
+__all__ = ["kv_shift_triton", "kv_shift_rope_triton", "kv_shift_rope_triton_unchecked"]
 
 # Elements one program touches per tensor (rows x padded head dim); small enough for registers.
 # Half of it with RoPE: a program then keeps several more tiles live (rotate-half partners, cos, sin).
@@ -37,7 +37,7 @@ def _load_x_and_pred(
     xp = tl.load(X + offs - row_stride, mask=has_pred[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     if HAS_PREV:
         first = row_ok & (t == 0)
-        p_offs = b[:, None] * row_stride + h * D + cols[None, :]
+        p_offs = b[:, None].to(tl.int64) * row_stride + h * D + cols[None, :]
         xp += tl.load(PREV + p_offs, mask=first[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     if HAS_KEEP:
         keep = tl.load(KEEP + rows, mask=row_ok, other=0) != 0
@@ -50,7 +50,7 @@ def _out_row(rows, t, b, h, T, H, D, SDPA_LAYOUT: tl.constexpr):
     """Offset of token ``rows``' head-``h`` vector in the output (and its gradient), and the
     distance from token t to token t + 1 there."""
     if SDPA_LAYOUT:
-        row = ((b * H + h) * T + t) * D  # [B, H, T, D]: the tokens of one head are consecutive
+        row = ((b.to(tl.int64) * H + h) * T + t) * D  # [B, H, T, D]: the tokens of one head are consecutive
         step = D
     else:
         row = rows * (H * D) + h * D  # [B, T, H, D]: x's own layout
@@ -106,15 +106,17 @@ def _kv_shift_fwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(0)
     h = tl.program_id(1)
-    rows = (pid_n * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # flattened b * T + t
+    b_id = tl.program_id(2)
+    # (t, b) straight from the grid: 32-bit index math with no division; offsets widen to 64 bits.
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = t * 0 + b_id
+    rows = b_id.to(tl.int64) * T + t  # flattened b * T + t
     cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < N
+    row_ok = t < T
     col_ok = cols < D
     m = row_ok[:, None] & col_ok[None, :]
-    t = rows % T
-    b = rows // T
 
     w0 = tl.load(W + h * stride_wh).to(tl.float32)
     w1 = tl.load(W + h * stride_wh + stride_wc).to(tl.float32)
@@ -131,10 +133,12 @@ def _kv_shift_fwd_kernel(
         )
         s_p = w0 * x_p + w1 * xp_p
         cos = tl.load(
-            COS + (b * stride_cb + t * stride_ct)[:, None] + cols[None, :] * stride_cd, mask=m, other=0.0
+            COS + (b.to(tl.int64) * stride_cb + t * stride_ct)[:, None] + cols[None, :] * stride_cd, mask=m,
+            other=0.0
         ).to(tl.float32)
         sin = tl.load(
-            SIN + (b * stride_sb + t * stride_st)[:, None] + cols[None, :] * stride_sd, mask=m, other=0.0
+            SIN + (b.to(tl.int64) * stride_sb + t * stride_st)[:, None] + cols[None, :] * stride_sd, mask=m,
+            other=0.0
         ).to(tl.float32)
         y = y * cos + tl.where(lo[None, :], -s_p, s_p) * sin
     y_row, _ = _out_row(rows, t, b, h, T, H, D, SDPA_LAYOUT)
@@ -172,15 +176,16 @@ def _kv_shift_bwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(0)
     h = tl.program_id(1)
-    rows = (pid_n * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    b_id = tl.program_id(2)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # 32-bit (t, b) from the grid, as in the forward
+    b = t * 0 + b_id
+    rows = b_id.to(tl.int64) * T + t
     cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < N
+    row_ok = t < T
     col_ok = cols < D
     m = row_ok[:, None] & col_ok[None, :]
-    t = rows % T
-    b = rows // T
     half = D // 2
     lo = cols < half
     pcols = tl.where(lo, cols + half, cols - half)  # rotate-half partners, read only when HAS_ROPE
@@ -190,8 +195,8 @@ def _kv_shift_bwd_kernel(
 
     # Gradient w.r.t. the shifted tile at t and at t + 1 (RoPE undone first).
     g_row, g_step = _out_row(rows, t, b, h, T, H, D, SDPA_LAYOUT)
-    cos_row = b * stride_cb + t * stride_ct
-    sin_row = b * stride_sb + t * stride_st
+    cos_row = b.to(tl.int64) * stride_cb + t * stride_ct
+    sin_row = b.to(tl.int64) * stride_sb + t * stride_st
     ds = _load_grad_shifted(
         G, COS, SIN, g_row, cos_row, sin_row, cols, pcols, lo, m, stride_cd, stride_sd, HAS_ROPE
     )
@@ -217,21 +222,36 @@ def _kv_shift_bwd_kernel(
         else:
             keep = row_ok
         first = row_ok & (t == 0)
-        p_offs = b[:, None] * (H * D) + h * D + cols[None, :]
+        p_offs = b[:, None].to(tl.int64) * (H * D) + h * D + cols[None, :]
         gp = tl.where(keep[:, None], w1 * ds, 0.0)
         tl.store(GPREV + p_offs, gp.to(GPREV.dtype.element_ty), mask=first[:, None] & col_ok[None, :])
 
     # Per-program partial sums (summed on the host side in a fixed order: deterministic).
-    part = GW_PART + (pid_n * H + h) * 2
+    part = GW_PART + ((b_id * tl.num_programs(0) + pid_t) * H + h) * 2
     tl.store(part, tl.sum(tl.sum(ds * x, axis=1), axis=0))
     tl.store(part + 1, tl.sum(tl.sum(ds * xp, axis=1), axis=0))
 
 
-def _blocks(N: int, D: int, rope: bool) -> tuple[int, int]:
+def _blocks(T: int, D: int, rope: bool) -> tuple[int, int]:
+    """``(BLOCK_T, BLOCK_D)``: tokens of one sequence per program and the padded head dim."""
     block_d = triton.next_power_of_2(max(D, 1))
     max_tile = _MAX_TILE_ROPE if rope else _MAX_TILE
-    block_t = max(1, min(triton.next_power_of_2(max(N, 1)), max_tile // block_d))
+    block_t = max(1, min(triton.next_power_of_2(max(T, 1)), max_tile // block_d))
     return block_t, block_d
+
+
+def _num_warps(x: torch.Tensor | torch.dtype, block_t: int, block_d: int) -> int:
+    """8 warps for full fp32 tiles (4 warps there need 160-170 registers per thread, measured by
+    ``kvshift bench kernels``), else 4."""
+    dtype = x if isinstance(x, torch.dtype) else x.dtype
+    return 8 if dtype.itemsize >= 4 and block_t * block_d >= _MAX_TILE else 4
+
+
+def _grid(B: int, T: int, H: int, block_t: int) -> tuple[int, int, int]:
+    """Programs: token blocks of one sequence x heads x batch (B <= 65535, the grid's z limit)."""
+    if B > 65535:
+        raise ValueError(f"the Triton KV shift handles a batch of at most 65535 sequences, got B = {B}")
+    return triton.cdiv(T, block_t), H, B
 
 
 def _device_ctx(x: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -284,13 +304,13 @@ def _kv_shift_fwd(
         return y
     cos_t, sin_t, cs_strides = _rope_args(cos, sin, x)
     prev_c = prev.contiguous() if prev is not None else x
-    block_t, block_d = _blocks(N, D, cos is not None)
+    block_t, block_d = _blocks(T, D, cos is not None)
     with _device_ctx(x):
-        _kv_shift_fwd_kernel[(triton.cdiv(N, block_t), H)](
+        _kv_shift_fwd_kernel[_grid(B, T, H, block_t)](
             x, weight, cos_t, sin_t, _keep_u8(keep, x), prev_c, y,
             N, T, H, D, weight.stride(0), weight.stride(1), *cs_strides,
             HAS_ROPE=cos is not None, HAS_KEEP=keep is not None, HAS_PREV=prev is not None,
-            SDPA_LAYOUT=sdpa_layout, BLOCK_T=block_t, BLOCK_D=block_d,
+            SDPA_LAYOUT=sdpa_layout, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_num_warps(x, block_t, block_d),
         )  # fmt: skip
     return y
 
@@ -310,35 +330,35 @@ def _kv_shift_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernel; returns ``(grad_x, grad_weight, grad_prev)``.
 
-    ``grad_y`` is laid out like the forward's output; ``grad_prev`` is ``[B, H, D]`` (zeros when
-    ``prev`` is None). The optional buffers let tests pass NaN-filled outputs
-    (``grad_weight_partial``: ``[cdiv(B*T, BLOCK_T), H, 2]`` fp32).
+    ``grad_y`` is laid out like the forward's output; ``grad_prev`` is ``[B, H, D]`` (an empty tensor
+    when ``prev`` is None). The optional buffers let tests pass NaN-filled outputs
+    (``grad_weight_partial``: ``[B * cdiv(T, BLOCK_T), H, 2]`` fp32).
     """
     grad_y = grad_y.contiguous()
     x = x.contiguous()
     B, T, H, D = x.shape
     N = B * T
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if grad_x is None else grad_x
-    pdt = prev.dtype if prev is not None else x.dtype
-    if prev is None:
-        gp = torch.zeros(B, H, D, dtype=pdt, device=x.device)
+    if prev is None:  # no grad_prev to compute: an empty stand-in, no allocation or launch
+        gp = x.new_empty(0)
     else:
-        gp = torch.empty(B, H, D, dtype=pdt, device=x.device) if grad_prev is None else grad_prev
+        gp = torch.empty(B, H, D, dtype=prev.dtype, device=x.device) if grad_prev is None else grad_prev
     if N == 0 or H == 0 or D == 0:
         gw = torch.zeros(H, 2, dtype=weight.dtype, device=weight.device)
         return gx.zero_(), gw, gp.zero_()
-    block_t, block_d = _blocks(N, D, cos is not None)
-    n_blocks = triton.cdiv(N, block_t)
+    block_t, block_d = _blocks(T, D, cos is not None)
+    grid = _grid(B, T, H, block_t)
+    n_blocks = grid[0] * B
     if grad_weight_partial is None:
         grad_weight_partial = torch.empty(n_blocks, H, 2, dtype=torch.float32, device=x.device)
     cos_t, sin_t, cs_strides = _rope_args(cos, sin, x)
     prev_c = prev.contiguous() if prev is not None else x
     with _device_ctx(x):
-        _kv_shift_bwd_kernel[(n_blocks, H)](
+        _kv_shift_bwd_kernel[grid](
             grad_y, x, weight, cos_t, sin_t, _keep_u8(keep, x), prev_c, gx, gp, grad_weight_partial,
             N, T, H, D, weight.stride(0), weight.stride(1), *cs_strides,
             HAS_ROPE=cos is not None, HAS_KEEP=keep is not None, HAS_PREV=prev is not None,
-            SDPA_LAYOUT=sdpa_layout, BLOCK_T=block_t, BLOCK_D=block_d,
+            SDPA_LAYOUT=sdpa_layout, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_num_warps(x, block_t, block_d),
         )  # fmt: skip
     gw = grad_weight_partial.sum(dim=0).to(weight.dtype)
     return gx, gw, gp
@@ -398,11 +418,10 @@ def _(
     sdpa_layout: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, H, D = x.shape
-    pdt = prev.dtype if prev is not None else x.dtype
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(weight),
-        x.new_empty((B, H, D), dtype=pdt),
+        x.new_empty((B, H, D), dtype=prev.dtype) if prev is not None else x.new_empty(0),
     )
 
 
@@ -485,4 +504,10 @@ def kv_shift_rope_triton(
     Differentiable in ``x``, ``weight`` and ``prev``.
     """
     _validate(x, weight, cos, sin, keep, prev)
+    return kv_shift_fwd_op(x, weight, cos, sin, keep, prev, True)
+
+
+def kv_shift_rope_triton_unchecked(x, weight, cos=None, sin=None, *, keep=None, prev=None) -> torch.Tensor:
+    """:func:`kv_shift_rope_triton` for callers that validated the arguments already (``kv_shift_rope``):
+    one validation per public call."""
     return kv_shift_fwd_op(x, weight, cos, sin, keep, prev, True)
