@@ -72,3 +72,29 @@ def tiny_model(seed: int = 0, randomize_shift: bool = True, **overrides) -> KVSh
 @pytest.fixture
 def make_model():
     return tiny_model
+
+
+_TIMEOUT = int(os.environ.get("KVSHIFT_TEST_TIMEOUT", "0") or 0)  # seconds per test; 0 = none
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """``KVSHIFT_TEST_TIMEOUT=N``: fail a test that runs longer than N seconds (the GPU check sets it, so
+    one hung test cannot eat a short device slot). SIGALRM, main thread only; a no-op otherwise."""
+    import signal
+    import threading
+
+    if not _TIMEOUT or not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise TimeoutError(f"{item.nodeid} ran past KVSHIFT_TEST_TIMEOUT={_TIMEOUT}s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(_TIMEOUT)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

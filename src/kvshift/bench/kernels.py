@@ -25,10 +25,11 @@ __all__ = ["ARCHS", "HEAD_DIMS", "REGISTER_BOUND", "KernelSpec", "available", "s
 
 ARCHS = (80, 90)  # A100, H100/H200
 HEAD_DIMS = (64, 80, 96, 128, 256)
-# Registers per thread every specialisation must stay under (with zero spills): the largest measured on
-# sm_80 / sm_90 with Triton 3.9 was 127 (see benchmarks/results/kernels.md); 168 leaves room for compiler
-# drift while still keeping three 4-warp programs resident per SM (65536 / (168 * 128)).
-REGISTER_BOUND = 168
+# Registers per thread every specialisation must stay under (with zero spills). Measured with Triton 3.9:
+# at most 128 on sm_80 / sm_90 (bf16 backward with RoPE; benchmarks/results/kernels.md), after fp32
+# tiles moved to 8 warps (with 4 they took up to 168). 144 leaves room for compiler drift and keeps
+# three 4-warp programs resident per SM (65536 / (144 * 128) = 3.6).
+REGISTER_BOUND = 144
 _DTYPES = {"bfloat16": "bf16", "float32": "fp32"}
 
 

@@ -13,13 +13,18 @@ from ..report import environment, markdown_table
 
 __all__ = ["add_arguments", "run", "run_benchmarks"]
 
-WHAT = ("op", "layer", "model", "decode", "all", "gpu", "kernels")
+WHAT = ("op", "layer", "model", "decode", "all", "gpu", "gpu-op", "gpu-train", "gpu-decode", "kernels")
+# The GPU check in parts that each fit a short slot (<= 5 minutes on one H200, compilation included);
+# every part adds its benchmarks to the same all-cuda.{md,json} as soon as each one finishes.
+GPU_PARTS = {"gpu-op": ("op", "layer"), "gpu-train": ("model",), "gpu-decode": ("decode",),
+             "gpu": ("op", "layer", "model", "decode")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=WHAT,
-                        help="which benchmark ('gpu': every benchmark at GPU shapes; 'kernels': compile every Triton "
-                             "kernel specialisation for sm_80 / sm_90 ahead of time, no GPU needed)")
+                        help="which benchmark ('gpu': every benchmark at GPU shapes, or one part of it: gpu-op (op + "
+                             "layer), gpu-train (training step), gpu-decode; 'kernels': compile every Triton kernel "
+                             "specialisation for sm_80 / sm_90 ahead of time, no GPU needed)")
     parser.add_argument("--arch", type=int, action="append", default=None, metavar="SM",
                         help="kernels: target compute capability, e.g. 90 (repeatable; default: 80 and 90)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -33,26 +38,39 @@ def _table(rows: list[dict]) -> str:
     return markdown_table(rows, cols, digits=3).rstrip("\n")
 
 
-def run_benchmarks(what: str, device: torch.device, rounds: int | None = None) -> dict[str, list[dict]]:
+def run_benchmarks(what: str | tuple[str, ...], device: torch.device, rounds: int | None = None,
+                   on_result=None) -> dict[str, list[dict]]:
+    """Run the benchmarks named by ``what`` (one name, ``"all"``, or a tuple of names); ``on_result(name,
+    rows)`` is called as soon as each one finishes (the command saves there, so a cut-off run keeps them)."""
     from ..bench.model import CPU_MODEL, GPU_MODEL, bench_decode, bench_layer, bench_train_step
     from ..bench.op import bench_op
 
+    names = ("op", "layer", "model", "decode") if what == "all" else ((what,) if isinstance(what, str) else what)
     cuda = device.type == "cuda"
     spec = GPU_MODEL if cuda else CPU_MODEL
     dtype = torch.bfloat16 if cuda else torch.float32
     r = rounds or (30 if cuda else 15)
-    out: dict[str, list[dict]] = {}
-    if what in ("op", "all"):
-        out["op"] = bench_op(device=device)
-    if what in ("layer", "all"):
-        out["layer"] = [bench_layer(spec, device, dtype, rounds=r)]
-    if what in ("model", "all"):
-        out["model"] = [bench_train_step(spec, device, dtype if cuda else None, rounds=r, compile=cuda)]
-    if what in ("decode", "all"):
+    runners = {
+        "op": lambda: bench_op(device=device),
+        "layer": lambda: [bench_layer(spec, device, dtype, rounds=r)],
+        "model": lambda: [bench_train_step(spec, device, dtype if cuda else None, rounds=r, compile=cuda)],
         # eager (DynamicCache) and compiled (StaticCache + torch.compile fullgraph) decoding
-        out["decode"] = [row for compile in (False, True)
-                         for row in bench_decode(spec, device, dtype, rounds=max(3, r // 3), compile=compile)]
+        "decode": lambda: [row for compile in (False, True)
+                           for row in bench_decode(spec, device, dtype, rounds=max(3, r // 3), compile=compile)],
+    }
+    out: dict[str, list[dict]] = {}
+    for name in names:
+        out[name] = runners[name]()
+        if on_result is not None:
+            on_result(name, out[name])
     return out
+
+
+def _render(what: str, device: str, hw: dict, results: dict[str, list[dict]]) -> str:
+    lines = [f"# kvshift bench {what} ({device})", "", *[f"- {k}: {v}" for k, v in hw.items()], ""]
+    for name, rows in results.items():
+        lines += [f"## {name}", "", _table(rows), ""]
+    return "\n".join(lines)
 
 
 def _save(folder: Path, name: str, text: str, payload: dict) -> None:
@@ -91,21 +109,30 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "kernels":
         return _kernels(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.what == "gpu":  # every benchmark at the GPU shapes; the GPU tests run from scripts/gpu_check.sh
+    if args.what in GPU_PARTS:  # the GPU tests run from scripts/gpu_check.sh, not from here
         if not torch.cuda.is_available():
-            raise ValueError("kvshift bench gpu needs a CUDA GPU (none is visible)")
-        what = "all"
+            raise ValueError(f"kvshift bench {args.what} needs a CUDA GPU (none is visible)")
+        names, stem = GPU_PARTS[args.what], "all-cuda"
     else:
-        what = args.what
+        names, stem = args.what, f"{args.what}-{device.type}"
     hw = environment()
-    results = run_benchmarks(what, device, args.rounds)
-    lines = [f"# kvshift bench {what} ({device.type})", "", *[f"- {k}: {v}" for k, v in hw.items()], ""]
-    for name, rows in results.items():
-        lines += [f"## {name}", "", _table(rows)]
-    text = "\n".join(lines)
-    print(text)
-    payload = {"bench": what, "device": device.type, "hardware": hw, "results": results}
-    if not args.no_save:
-        _save(Path(args.out), f"{what}-{device.type}", text, payload)
-    print(json.dumps(payload))
+    folder = Path(args.out)
+    saved: dict[str, list[dict]] = {}
+    if stem == "all-cuda" and (folder / f"{stem}.json").exists():  # parts of one GPU check add up
+        try:
+            saved = json.loads((folder / f"{stem}.json").read_text()).get("results", {})
+        except (OSError, ValueError):
+            saved = {}
+
+    def save(name: str, rows: list[dict]) -> None:
+        if args.no_save:
+            return
+        saved[name] = rows
+        label = "all" if stem == "all-cuda" else args.what
+        _save(folder, stem, _render(label, device.type, hw, saved),
+              {"bench": label, "device": device.type, "hardware": hw, "results": saved})
+
+    results = run_benchmarks(names, device, args.rounds, on_result=save)
+    print(_render(args.what, device.type, hw, results))
+    print(json.dumps({"bench": args.what, "device": device.type, "hardware": hw, "results": results}))
     return 0

@@ -57,8 +57,12 @@ def document_mask_function(reset_mask: torch.Tensor, past: int):
     last = doc_kv.shape[-1] - 1
 
     def fn(batch_idx, head_idx, q_idx, kv_idx):
-        # q_idx and kv_idx are absolute positions in the cache
-        return doc_kv[batch_idx, q_idx.clamp(max=last)] == doc_kv[batch_idx, kv_idx.clamp(max=last)]
+        # q_idx and kv_idx are absolute positions in the cache (a static cache has slots past `last`: the
+        # causal mask hides them). torch.where, not clamp: Inductor's CPU code for FlexAttention's block
+        # mask fails to compile the clamp form (torch 2.13: mixed int/float vector masks).
+        q = torch.where(q_idx > last, last, q_idx)
+        kv = torch.where(kv_idx > last, last, kv_idx)
+        return doc_kv[batch_idx, q] == doc_kv[batch_idx, kv]
 
     return fn
 

@@ -241,10 +241,10 @@ def _blocks(T: int, D: int, rope: bool) -> tuple[int, int]:
 
 
 def _num_warps(x: torch.Tensor | torch.dtype, block_t: int, block_d: int) -> int:
-    """8 warps for full fp32 tiles (4 warps there need 160-170 registers per thread, measured by
+    """8 warps for full fp32 tiles (with 4 warps they need 146-168 registers per thread, measured by
     ``kvshift bench kernels``), else 4."""
     dtype = x if isinstance(x, torch.dtype) else x.dtype
-    return 8 if dtype.itemsize >= 4 and block_t * block_d >= _MAX_TILE else 4
+    return 8 if dtype.itemsize >= 4 and block_t * block_d >= _MAX_TILE_ROPE else 4
 
 
 def _grid(B: int, T: int, H: int, block_t: int) -> tuple[int, int, int]:
