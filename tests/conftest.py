@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny configs and models built in the test itself (no downloads)."""
+"""Root fixtures and set-up: the Triton interpreter on CPU, test folders on sys.path, one thread, a per-test
+timeout. Shared builders (tiny configs and models, no downloads) are in tests/builders.py: import them from
+there, never from a conftest (pytest loads several conftest modules under the same name)."""
 
 from __future__ import annotations
 
@@ -24,49 +26,9 @@ for _sub in sorted(os.listdir(_TESTS)):
 # Test tensors are tiny: one thread avoids OpenMP spin contention on a shared 2-core machine.
 torch.set_num_threads(1)
 
+from builders import tiny_model  # noqa: E402  (shared builders live in tests/builders.py, not here)
+
 import kvshift  # noqa: E402,F401  (registers the Auto classes)
-from kvshift import KVShiftConfig, KVShiftForCausalLM  # noqa: E402
-
-
-def interpret_triton_kernels(*modules) -> None:
-    """Re-wrap the ``@triton.jit`` functions of ``modules`` for the CPU interpreter (no-op with CUDA).
-
-    ``triton.jit`` picks compiled or interpreted at decoration time. When ``triton.language`` was
-    imported before ``TRITON_INTERPRET=1`` was set (e.g. ``import transformers`` pulls in
-    ``torch._inductor``, which imports triton), its ``tl.sum`` and our kernels are compiled-only
-    functions that cannot run on CPU tensors.
-    """
-    if torch.cuda.is_available():
-        return
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    for module in (tl, tl.standard, *modules):
-        for name, obj in list(vars(module).items()):
-            if isinstance(obj, JITFunction):
-                setattr(module, name, InterpretedFunction(obj.fn))
-
-
-def tiny_config(**overrides) -> KVShiftConfig:
-    base = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    base.update(overrides)
-    return KVShiftConfig(**base)
-
-
-def tiny_model(seed: int = 0, randomize_shift: bool = True, **overrides) -> KVShiftForCausalLM:
-    torch.manual_seed(seed)
-    model = KVShiftForCausalLM(tiny_config(**overrides)).eval()
-    if randomize_shift:  # weights off the convex line, some negative: the general case
-        with torch.no_grad():
-            for layer in model.model.layers:
-                attn = layer.self_attn
-                if attn.use_kv_shift:
-                    attn.k_shift.copy_(torch.randn_like(attn.k_shift))
-                    attn.v_shift.copy_(torch.randn_like(attn.v_shift))
-    return model
 
 
 @pytest.fixture

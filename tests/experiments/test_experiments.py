@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from builders import tiny_model
 
 from kvshift.cli import main
 from kvshift.eval.heads import attention_maps, head_scores, repeated_sequence_loss, shift_table

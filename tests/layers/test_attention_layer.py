@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_config, tiny_model
+from builders import tiny_config, tiny_model
 
 from kvshift.layers.attention import KVShiftAttention, is_shift_parameter
 from kvshift.layers.rope import RotaryEmbedding

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from builders import tiny_model
 from transformers import DynamicCache
 
 TOL = 1e-4

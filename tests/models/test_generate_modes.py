@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from builders import tiny_model
 from transformers import CompileConfig
 
 import kvshift.models.cache as kv_cache

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from builders import tiny_config, tiny_model
 from transformers import (
     AutoConfig,
     AutoModel,

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from builders import tiny_config, tiny_model
 
 from kvshift import KVShiftConfig, KVShiftForCausalLM, KVShiftModel
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from builders import tiny_config, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvshift import KVShiftConfig, KVShiftForCausalLM

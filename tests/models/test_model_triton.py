@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from conftest import interpret_triton_kernels, tiny_model  # noqa: E402
+from builders import interpret_triton_kernels, tiny_model  # noqa: E402
 
 from kvshift.ops.kv_shift import triton as kernels  # noqa: E402
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import tiny_model
+from builders import tiny_model
 
 LENS = [5, 1, 7, 3]
 

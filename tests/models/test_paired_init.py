@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from builders import tiny_config
 
 from kvshift import KVShiftForCausalLM
 

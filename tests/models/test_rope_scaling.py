@@ -47,7 +47,7 @@ def test_converted_scaled_rope_equals_llama(name, tmp_path):
 
 
 def test_scaled_rope_changes_the_model_and_round_trips(tmp_path):
-    from conftest import tiny_config
+    from builders import tiny_config
 
     plain = KVShiftForCausalLM(tiny_config()).eval()
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def test_scaled_rope_changes_the_model_and_round_trips(tmp_path):
 
 
 def test_legacy_rope_scaling_and_bad_parameters():
-    from conftest import tiny_config
+    from builders import tiny_config
 
     c = tiny_config(rope_scaling={"type": "linear", "factor": 2.0})
     assert c.rope_parameters["rope_type"] == "linear" and c.rope_parameters["factor"] == 2.0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_config, tiny_model
+from builders import tiny_config, tiny_model
 from transformers import (
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,

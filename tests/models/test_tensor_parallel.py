@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import tiny_model
+from builders import tiny_model
 
 SCRIPT = r"""
 import os, sys, torch

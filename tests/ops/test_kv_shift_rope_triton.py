@@ -1,25 +1,15 @@
 """Fused Triton KV shift + RoPE + transpose against the reference pieces (CPU: Triton interpreter)."""
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must be set before triton is imported and the kernels are decorated.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
-
-from conftest import interpret_triton_kernels  # noqa: E402
+triton = pytest.importorskip("triton")  # the interpreter set-up (CPU) is in tests/ops/conftest.py
 
 from kvshift.ops.kv_shift import triton as kernels  # noqa: E402
 from kvshift.ops.kv_shift.reference import kv_shift_ref  # noqa: E402
 from kvshift.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-interpret_triton_kernels(kernels)
 
 
 def _tol(dtype: torch.dtype) -> dict:

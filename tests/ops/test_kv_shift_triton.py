@@ -1,18 +1,9 @@
 """The fused Triton KV shift against the reference, forward and all gradients (CPU: Triton interpreter)."""
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must be set before triton is imported and the kernels are decorated.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
-
-from conftest import interpret_triton_kernels  # noqa: E402
+triton = pytest.importorskip("triton")  # the interpreter set-up (CPU) is in tests/ops/conftest.py
 
 from kvshift.ops.kv_shift import kv_shift  # noqa: E402
 from kvshift.ops.kv_shift import triton as kernels  # noqa: E402
@@ -20,7 +11,6 @@ from kvshift.ops.kv_shift.checks import previous_token_keep_mask  # noqa: E402
 from kvshift.ops.kv_shift.reference import kv_shift_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-interpret_triton_kernels(kernels)
 
 # (B, T, H, D): odd head dims, T = 1, a T that is not a multiple of any block.
 SHAPES = [(2, 5, 3, 7), (1, 1, 1, 13), (2, 33, 3, 64), (3, 5, 1, 13)]
