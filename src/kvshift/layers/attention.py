@@ -7,7 +7,7 @@ from torch import nn
 from transformers import initialization as init
 
 from ..ops.attention import attention_backend
-from ..ops.kv_shift import kv_shift_rope, kv_shift_step
+from ..ops.kv_shift import kv_shift_rope, kv_shift_step_unchecked
 from ..ops.rope import apply_rope
 from .norm import RMSNorm
 
@@ -132,7 +132,8 @@ class KVShiftAttention(nn.Module):
             k = apply_rope(self.k_norm(k) if self.k_norm is not None else k, cos, sin)
         raw_k, raw_v = k, v  # the raw (pre-shift) rows are the next chunk's predecessors
         if T == 1 and prev_k is not None:  # a decode step: a few small ops per tensor, branch-free
-            k, v = kv_shift_step(k, k_w, prev_k, reset_mask), kv_shift_step(v, v_w, prev_v, reset_mask)
+            k = kv_shift_step_unchecked(k, *k_w.unsqueeze(-1).unbind(1), prev_k, reset_mask)
+            v = kv_shift_step_unchecked(v, *v_w.unsqueeze(-1).unbind(1), prev_v, reset_mask)
             if self.shift_position == "pre_rope":
                 k = apply_rope(self.k_norm(k) if self.k_norm is not None else k, cos, sin)
             k, v = k.transpose(1, 2), v.transpose(1, 2)

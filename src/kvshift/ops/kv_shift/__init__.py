@@ -13,7 +13,7 @@ from .checks import previous_token_keep_mask, validate_kv_shift_args, validate_r
 from .pytorch import kv_shift_torch
 from .reference import kv_shift_ref
 
-__all__ = ["kv_shift", "kv_shift_ref", "kv_shift_rope", "kv_shift_step"]
+__all__ = ["kv_shift", "kv_shift_ref", "kv_shift_rope", "kv_shift_step", "kv_shift_step_unchecked"]
 BACKENDS = ("auto", "torch", "reference", "triton")
 
 
@@ -94,14 +94,22 @@ def kv_shift_step(x: torch.Tensor, weight: torch.Tensor, prev: torch.Tensor,
         raise ValueError(f"prev must have x's shape {list(x.shape)}, got {list(prev.shape)}")
     if weight.shape != (x.shape[2], 2):
         raise ValueError(f"weight must have shape [H, 2] = [{x.shape[2]}, 2], got {list(weight.shape)}")
+    if reset_mask is not None and tuple(reset_mask.shape) != (x.shape[0], 1):
+        raise ValueError(f"reset_mask must have shape [B, 1] = [{x.shape[0]}, 1], got {list(reset_mask.shape)}")
+    w_cur, w_prev = weight.unsqueeze(-1).unbind(1)
+    return kv_shift_step_unchecked(x, w_cur, w_prev, prev, reset_mask)
+
+
+def kv_shift_step_unchecked(x: torch.Tensor, w_cur: torch.Tensor, w_prev: torch.Tensor, prev: torch.Tensor,
+                            reset_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`kv_shift_step` without the checks, the weight given as its ``[H, 1]`` columns
+    (``weight.unsqueeze(-1).unbind(1)``): the attention layer's decode path (a few microseconds per call
+    count there)."""
     if reset_mask is not None:
-        if tuple(reset_mask.shape) != (x.shape[0], 1):
-            raise ValueError(f"reset_mask must have shape [B, 1] = [{x.shape[0]}, 1], got "
-                             f"{list(reset_mask.shape)}")
         prev = torch.where(reset_mask[:, :, None, None], torch.zeros((), dtype=prev.dtype, device=prev.device),
                            prev)
     # [H, 1] columns broadcast over [B, 1, H, D]; the products run in the promoted dtype, like kv_shift
-    y = torch.addcmul(prev * weight[:, 1:], x, weight[:, :1])
+    y = torch.addcmul(prev * w_prev, x, w_cur)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
