@@ -89,3 +89,14 @@ def test_paired_stats():
     assert 0 < s["p_value_t"] < 0.05
     with pytest.raises(ValueError):
         paired_stats([1.0], [])
+
+
+def test_model_spec_overrides_config_fields_by_their_own_names():
+    from kvshift.experiments.toy_train import ModelSpec, build_model
+
+    spec = ModelSpec("kvshift-1L", 1, True, 16, 2, config={"kv_shift_parametrization": "gate",
+                                                            "num_key_value_heads": 1})
+    model = build_model(spec, vocab_size=20, max_len=32, seed=0)
+    assert model.config.kv_shift_parametrization == "gate" and model.config.num_key_value_heads == 1
+    with pytest.raises(ValueError, match="kv_shfit"):
+        build_model(ModelSpec("x", 1, True, config={"kv_shfit": True}), vocab_size=20, max_len=32, seed=0)

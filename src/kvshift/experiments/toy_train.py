@@ -19,7 +19,9 @@ __all__ = ["ModelSpec", "RunSpec", "build_model", "train_on_task", "steps_to_rea
 
 @dataclass
 class ModelSpec:
-    """One model of an experiment: depth, width and whether its attention shifts K/V."""
+    """One model of an experiment: depth, width and whether its attention shifts K/V, in the short names
+    the experiment tables use; ``config`` overrides any other :class:`KVShiftConfig` field by its own name
+    (the config owns the model fields; this spec only names the ones every experiment varies)."""
 
     name: str
     layers: int
@@ -28,6 +30,7 @@ class ModelSpec:
     num_heads: int = 2
     intermediate_size: int | None = None  # None: 4 * hidden (0: no MLP width pressure change)
     kv_shift_init: str = "paper"
+    config: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -48,7 +51,7 @@ class RunSpec:
 
 def build_model(spec: ModelSpec, vocab_size: int, max_len: int, seed: int) -> KVShiftForCausalLM:
     torch.manual_seed(seed)
-    cfg = KVShiftConfig(
+    fields = dict(
         vocab_size=vocab_size, hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size if spec.intermediate_size is not None else 4 * spec.hidden_size,
         num_hidden_layers=spec.layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
@@ -56,7 +59,10 @@ def build_model(spec: ModelSpec, vocab_size: int, max_len: int, seed: int) -> KV
         kv_shift_init=spec.kv_shift_init, use_cache=False, tie_word_embeddings=False,
         pad_token_id=0, bos_token_id=None, eos_token_id=None,
     )
-    return KVShiftForCausalLM(cfg)
+    unknown = sorted(set(spec.config) - set(KVShiftConfig().to_dict()) - set(fields))
+    if unknown:
+        raise ValueError(f"ModelSpec {spec.name!r}: config sets unknown KVShiftConfig field(s) {unknown}")
+    return KVShiftForCausalLM(KVShiftConfig(**{**fields, **spec.config}))
 
 
 def _loss(model, batch) -> torch.Tensor:
