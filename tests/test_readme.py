@@ -44,3 +44,52 @@ def test_setup_installs_test_only_packages_only_with_test():
         assert test_only not in core and test_only in " ".join(project["optional-dependencies"]["dev"]).lower()
     script = (README.parent / "scripts" / "setup.sh").read_text()
     assert 'EXTRAS=""' in script and '--test|--dev) EXTRAS="[dev]"' in script and '-e ".${EXTRAS}"' in script
+
+
+def _training_commands() -> list[list[str]]:
+    import shlex
+
+    text = README.read_text()
+    block = _section(text, "Training on real text")
+    cmds = []
+    for code in re.findall(r"```bash\n(.*?)```", block, flags=re.S):
+        for line in code.splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("kvshift "):
+                cmds.append(shlex.split(line)[1:])
+            elif line.startswith("torchrun "):
+                argv = shlex.split(line)
+                cmds.append(argv[argv.index("kvshift") + 1:])
+    return cmds
+
+
+def test_training_section_commands_parse_and_name_real_recipes_and_keys():
+    """Every command of the README's training section parses, its recipe exists and its --set keys are
+    valid; a --resume of a named checkpoint names one the recipe keeps."""
+    from kvshift.cli import build_parser
+    from kvshift.train.config import apply_overrides
+    from kvshift.train.recipes import RECIPES, get_recipe
+
+    cmds = _training_commands()
+    assert len(cmds) >= 10
+    for argv in cmds:
+        args = build_parser(argv[0]).parse_args(argv)
+        if argv[0] == "train" and args.recipe is not None:
+            assert args.recipe in RECIPES
+            apply_overrides(get_recipe(args.recipe), args.overrides)
+        if argv[0] == "train" and args.resume and "step_" in args.resume:
+            run = next(c for c in cmds if c[0] == "train" and "--out" in c and
+                       c[c.index("--out") + 1] == args.resume.split("/checkpoints")[0])
+            cfg = get_recipe(run[run.index("--recipe") + 1])
+            steps = sorted({*range(cfg.ckpt_every, cfg.steps + 1, cfg.ckpt_every), cfg.steps})
+            kept = [f"step_{s:07d}" for s in steps[-cfg.keep_checkpoints:]]
+            assert args.resume.rsplit("/", 1)[-1] in kept, (args.resume, kept)
+
+
+def test_readme_tiny_training_command_runs_as_written(tmp_path, monkeypatch):
+    from kvshift.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = next(c for c in _training_commands() if c[:3] == ["train", "--recipe", "tiny"])
+    assert main(argv) == 0
+    assert (tmp_path / "runs" / "tiny" / "final" / "tokenizer.json").exists()
