@@ -24,7 +24,7 @@ __all__ = ["ARCHS", "HEAD_DIMS", "REGISTER_BOUND", "KernelSpec", "available", "s
            "compile_kernels", "compile_all"]
 
 ARCHS = (80, 90)  # A100, H100/H200
-HEAD_DIMS = (64, 80, 96, 128, 256)
+HEAD_DIMS = (64, 72, 80, 96, 128, 256)  # 72: not a multiple of 16
 # Registers per thread every specialisation must stay under (with zero spills). Measured with Triton 3.9:
 # at most 128 on sm_80 / sm_90 (bf16 backward with RoPE; benchmarks/results/kernels.md), after fp32
 # tiles moved to 8 warps (with 4 they took up to 168). 144 leaves room for compiler drift and keeps
@@ -95,7 +95,7 @@ def _signature(fn, spec: KernelSpec) -> tuple[dict, dict, dict]:
                "W": "fp32", "KEEP": "u8", "GW_PART": "fp32"}
     block_t, block_d = kernels._blocks(1 << 20, spec.head_dim, spec.rope)  # a long sequence: the full tile
     constexprs = {"HAS_ROPE": spec.rope, "HAS_KEEP": spec.keep, "HAS_PREV": spec.prev,
-                  "SDPA_LAYOUT": spec.sdpa_layout, "BLOCK_T": block_t, "BLOCK_D": block_d}
+                  "SDPA_LAYOUT": spec.sdpa_layout, "BLOCK_T": block_t, "BLOCK_D": block_d, "D": spec.head_dim}
     signature, divisible = {}, []
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
@@ -105,8 +105,6 @@ def _signature(fn, spec: KernelSpec) -> tuple[dict, dict, dict]:
             divisible.append(i)  # torch allocations are 16-byte aligned
         else:
             signature[arg] = "i32"
-            if arg == "D" and spec.head_dim % 16 == 0:
-                divisible.append(i)
     attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
     return signature, constexprs, attrs
 

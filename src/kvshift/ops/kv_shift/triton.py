@@ -90,7 +90,7 @@ def _kv_shift_fwd_kernel(
     N,  # B * T
     T,
     H,
-    D,
+    D: tl.constexpr,  # a compile-time head dim: its divisibility (e.g. 72 = 8 x 9) allows vector loads
     stride_wh,
     stride_wc,
     stride_cb,
@@ -160,7 +160,7 @@ def _kv_shift_bwd_kernel(
     N,
     T,
     H,
-    D,
+    D: tl.constexpr,  # a compile-time head dim: its divisibility (e.g. 72 = 8 x 9) allows vector loads
     stride_wh,
     stride_wc,
     stride_cb,
