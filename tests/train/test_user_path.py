@@ -140,6 +140,10 @@ def test_resume_from_a_step_folder_continues_the_run(tmp_path):
     assert sorted(p.name for p in step4.iterdir()) == inside  # nothing written inside the checkpoint
     assert (run / "final" / "model.safetensors").exists()
     assert [r["step"] for r in metrics(run) if "loss" in r] == list(range(1, 9))
+    step6 = run / "checkpoints" / "step_0000006"  # the library call, out == the checkpoint folder
+    inside = sorted(p.name for p in step6.iterdir())
+    train(tiny(steps=8, ckpt_every=2, keep_checkpoints=5), step6, resume=step6)
+    assert sorted(p.name for p in step6.iterdir()) == inside
 
 
 def test_corrupt_latest_falls_back_to_the_older_intact_one(tmp_path):

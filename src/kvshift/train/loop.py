@@ -293,6 +293,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: str | os.PathLik
     cfg.validate()
     info = setup_distributed(cfg)
     out = Path(out_dir)
+    if resume is not None and out.resolve() == Path(resume).resolve():
+        out = run_dir_of(resume)  # resuming "from DIR into DIR" with DIR a checkpoint: continue its run
     resumed = load_checkpoint(resume) if resume is not None else None
     if resumed is not None and int(resumed[2]["step"]) >= cfg.steps:
         return _already_finished(resumed, cfg, info)
