@@ -48,7 +48,8 @@ def test_saved_model_has_inference_defaults_and_a_padding_tokenizer(trained, kin
     assert config["use_cache"] is True and gen.get("use_cache", True) is True
     tok = AutoTokenizer.from_pretrained(final)
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token == tok.eos_token
-    assert config["eos_token_id"] == tok.eos_token_id == config["pad_token_id"]
+    assert config["eos_token_id"] == tok.eos_token_id == gen["pad_token_id"]
+    assert config.get("pad_token_id") is None  # would be the embedding's padding_idx: no gradient for EOS
     assert config.get("bos_token_id") is None  # documents are separated by EOS; nothing is prepended
     assert tok("the cat").input_ids[0] != tok.eos_token_id
 
@@ -114,3 +115,16 @@ def test_a_prompt_longer_than_the_context_is_refused_or_truncated(trained, capsy
                  "--truncate", "--json"]) == 0
     captured = capsys.readouterr()
     assert "kept the last 32 of 80" in captured.err and json.loads(captured.out)["prompt"] == long
+
+
+def test_eos_embedding_is_trained(tmp_path):
+    """EOS separates documents and is a target: its embedding row must be initialised and learn."""
+    from kvshift.train.loop import build_model_for_data
+
+    cfg = apply_overrides(get_recipe("tiny"), SMALL)
+    model = build_model_for_data(cfg, 257, 256)
+    emb = model.model.embed_tokens
+    assert emb.padding_idx is None and emb.weight[256].abs().sum() > 0
+    ids = torch.tensor([[5, 256, 7, 8]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert emb.weight.grad[256].abs().sum() > 0

@@ -118,10 +118,14 @@ def build_model_for_data(cfg: TrainConfig, vocab_size: int, eos_id: int | None,
     vocab = fields.pop("vocab_size") or vocab_size
     if vocab < vocab_size:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary ({vocab_size} ids)")
+    # pad_token_id stays None in the model config: it becomes the embedding's padding_idx, whose row gets
+    # no gradient, and EOS (which pads at generation time) is a real token of the training stream
     config = KVShiftConfig(**fields, vocab_size=vocab, max_position_embeddings=cfg.data.seq_len,
-                           bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id, use_cache=True)
+                           bos_token_id=None, eos_token_id=eos_id, pad_token_id=None, use_cache=True)
     torch.manual_seed(cfg.seed)
-    return KVShiftForCausalLM(config)
+    model = KVShiftForCausalLM(config)
+    model.generation_config.pad_token_id = eos_id  # generate() pads with EOS, as the saved tokenizer does
+    return model
 
 
 def _nll_sum(model, batch, device, autocast) -> tuple[torch.Tensor, int]:
