@@ -100,3 +100,32 @@ def test_model_spec_overrides_config_fields_by_their_own_names():
     assert model.config.kv_shift_parametrization == "gate" and model.config.num_key_value_heads == 1
     with pytest.raises(ValueError, match="kv_shfit"):
         build_model(ModelSpec("x", 1, True, config={"kv_shfit": True}), vocab_size=20, max_len=32, seed=0)
+
+
+def test_lr_robustness_tiny_end_to_end(tmp_path):
+    """Both workloads, both arms, every LR: the documented files and fields; a huge LR counts as diverged."""
+    import json
+
+    from kvshift.data.shards import prepare
+    from kvshift.experiments.lr_robustness import run_lr_robustness
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(10):
+        (corpus / f"d{i}.txt").write_text(f"def f{i}(x):\n    return x * {i} + {i * 3}\n" * 30)
+    prepare(str(corpus), tmp_path / "data", vocab_size=300, val_fraction=0.2)
+    out = tmp_path / "out"
+    payload = run_lr_robustness(seeds=2, out_dir=out, steps=3, data=str(tmp_path / "data"), lrs=[1e-3, 1e4])
+    for name in ("results.json", "results.md", "config.json", "lr_robustness.png"):
+        assert (out / name).exists(), name
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {(r["workload"], r["model"], r["lr"]) for r in rows} == {
+        (w, m, lr) for w in ("lm", "induction") for m in ("vanilla", "kvshift") for lr in (1e-3, 1e4)}
+    for r in rows:
+        assert r["seeds"] == 2 and 0 <= r["diverged"] <= 2 and {"mean", "std", "nonfinite"} <= set(r)
+    huge = [r for r in rows if r["lr"] == 1e4 and r["workload"] == "induction"]
+    assert all(r["diverged"] == 2 and r["nonfinite"] == 2 and r["mean"] is None for r in huge)  # lr 1e4 blows up
+    kv_small = next(r for r in rows if r["lr"] == 1e-3 and r["workload"] == "lm" and r["model"] == "kvshift")
+    assert kv_small["pairs"] == 2 and "p_signflip" in kv_small
+    assert len(payload["runs"]) == 2 * 2 * 2 * 2
+    assert not list((out / "runs").rglob("model.safetensors"))  # weights are not kept

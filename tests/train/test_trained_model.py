@@ -128,3 +128,18 @@ def test_eos_embedding_is_trained(tmp_path):
     ids = torch.tensor([[5, 256, 7, 8]])
     model(input_ids=ids, labels=ids).loss.backward()
     assert emb.weight.grad[256].abs().sum() > 0
+
+
+def test_generate_on_a_run_or_checkpoint_folder_says_what_to_use(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(apply_overrides(get_recipe("tiny"), SMALL + ["steps=4", "ckpt_every=2", "stop_after=2"]), run)
+    step = run / "checkpoints" / "step_0000002"
+    assert main(["generate", "--model", str(step), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "training checkpoint" in err and str(run / "final") in err
+    assert main(["generate", "--model", str(run), "--prompt", "x"]) == 2
+    assert "without a final model yet" in capsys.readouterr().err
+    train(apply_overrides(get_recipe("tiny"), SMALL + ["steps=4", "ckpt_every=2"]), run, resume=run)
+    assert main(["generate", "--model", str(run), "--prompt", "x"]) == 2
+    assert f"its model is {run / 'final'}" in capsys.readouterr().err
+    assert main(["generate", "--model", str(run / "final"), "--prompt", "x", "--max-new-tokens", "2"]) == 0

@@ -17,6 +17,7 @@ EXPERIMENTS = {
     "hopk": ("kvshift.experiments.toy", "run_hopk"),
     "theorem2": ("kvshift.experiments.theorem2", "run_theorem2"),
     "theorem3": ("kvshift.experiments.theorem3", "run_theorem3"),
+    "lr-robustness": ("kvshift.experiments.lr_robustness", "run_lr_robustness"),
 }
 
 
@@ -26,18 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--quick", dest="quick", action="store_true", default=True,
                       help="CPU-sized settings (default)")
     mode.add_argument("--full", dest="quick", action="store_false", help="paper-scale settings (for a GPU; default: off, --quick)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per model (default 3)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per model (default: each experiment's own: 3, lr-robustness 5)")
     parser.add_argument("--out", default="results", help="output folder; each experiment writes OUT/<name>/ (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
                         help="override the training steps of the trained experiments (smoke tests; default: each experiment's own)")
 
 
-def run_experiment(name: str, *, quick: bool = True, seeds: int = 3, out: str | Path = "results",
+def run_experiment(name: str, *, quick: bool = True, seeds: int | None = None, out: str | Path = "results",
                    steps: int | None = None) -> dict:
     """Run one experiment by name; returns its results payload."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)} or 'all'")
-    if seeds < 1:
+    if seeds is not None and seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     module, fn = EXPERIMENTS[name]
     if not quick:
@@ -47,7 +49,9 @@ def run_experiment(name: str, *, quick: bool = True, seeds: int = 3, out: str | 
     runner = getattr(importlib.import_module(module), fn)
     # --steps applies to the trained experiments; the theorem experiments train nothing
     kwargs = {"steps": steps} if steps is not None and "steps" in inspect.signature(runner).parameters else {}
-    return runner(quick=quick, seeds=seeds, out_dir=Path(out) / name, **kwargs)
+    if seeds is not None:
+        kwargs["seeds"] = seeds
+    return runner(quick=quick, out_dir=Path(out) / name, **kwargs)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,6 +25,18 @@ def check_model_dir(path: str | Path, tokenizer: str | Path | None = None):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model directory {path} does not exist")
+    if (path / "trainer_state.json").is_file():
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        raise ValueError(f"{path} is a training checkpoint (weights, optimizer and data state), not a model "
+                         f"directory: use {run / 'final'}, which the run writes when it finishes, or continue "
+                         f"training with `kvshift train --resume {path}`")
+    is_run = path.is_dir() and ((path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file()) and not any(
+        (path / name).is_file() for name in WEIGHT_FILES)
+    if is_run and (path / "final" / "config.json").is_file():
+        raise ValueError(f"{path} is a training run folder; its model is {path / 'final'}")
+    if is_run:
+        raise ValueError(f"{path} is a training run folder without a final model yet (it writes {path / 'final'} "
+                         f"when it finishes); continue it with `kvshift train --resume {path}`")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ValueError(
             f"{path} is not a model directory: no config.json (save one with model.save_pretrained(DIR) "
