@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["run_lr_robustness", "LR_GRID"]
+__all__ = ["run_lr_robustness", "plot_lr_robustness", "LR_GRID"]
 
-LR_GRID = {"quick": [3e-3, 1e-2, 3e-2, 1e-1], "full": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]}
+LR_GRID = {"quick": [1e-2, 1e-1, 3e-1, 1.0], "full": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]}
 ARMS = (("vanilla", False), ("kvshift", True))
 
 
@@ -118,7 +118,8 @@ def _summarise(rows: list[dict], workload: str, lower_is_better: bool) -> list[d
     return out
 
 
-def _plot(summary: list[dict], path: Path) -> None:
+def plot_lr_robustness(summary: list[dict], path: Path) -> None:
+    """Final metric against the peak LR per workload, vanilla dashed, KV solid, divergences annotated."""
     from ..report import get_pyplot, save_figure
 
     plt = get_pyplot()
@@ -132,12 +133,18 @@ def _plot(summary: list[dict], path: Path) -> None:
             xs = [r["lr"] for r in rows if r["mean"] is not None]
             ys = [r["mean"] for r in rows if r["mean"] is not None]
             es = [r["std"] or 0.0 for r in rows if r["mean"] is not None]
+            if workload == "induction":  # an accuracy: the +- 1 std bars stay inside [0, 1]
+                es = [[min(e, y) for y, e in zip(ys, es)], [min(e, 1.0 - y) for y, e in zip(ys, es)]]
             ax.errorbar(xs, ys, yerr=es, linestyle=style, marker="o", capsize=3, label=arm)
             for r in rows:
                 if r["diverged"]:
-                    ax.annotate(f"{r['diverged']}/{r['seeds']} div.", (r["lr"], ax.get_ylim()[1]),
-                                fontsize=7, ha="center", va="top", color="C0" if arm == "vanilla" else "C1")
+                    ax.annotate(f"{arm}: {r['diverged']}/{r['seeds']} diverged", (r["lr"], 0.5 if arm == "vanilla"
+                                else 0.42), xycoords=("data", "axes fraction"), fontsize=7, ha="right",
+                                color="C0" if arm == "vanilla" else "C1")
         ax.set_xscale("log")
+        lrs = [r["lr"] for r in summary if r["workload"] == workload]
+        if lrs:  # every LR of the sweep shows, diverged ones (no point) with their count
+            ax.set_xlim(min(lrs) / 1.6, max(lrs) * 1.6)
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel(label)
         ax.set_title(f"{workload}: mean +- 1 std over non-diverged seeds")
@@ -196,5 +203,5 @@ def run_lr_robustness(quick: bool = True, seeds: int = 5, out_dir: str | Path = 
     shown = [{**r, **{k: _p(r[k]) for k in ("p_t", "p_signflip") if k in r}} for r in summary]
     atomic_write_text(out / "results.md", "# lr-robustness\n\n" + markdown_table(shown, cols) + "\n"
                       + "\n".join(f"- {n}" for n in notes) + "\n")
-    _plot(summary, out / "lr_robustness.png")
+    plot_lr_robustness(summary, out / "lr_robustness.png")
     return payload
