@@ -110,9 +110,11 @@ class HubUnavailable(ValueError):
     """A Hub lookup failed because the Hub could not be reached (or offline mode is on)."""
 
 
-_OFFLINE_MARKERS = ("offline", "connection", "connect", "resolve", "network", "timed out", "timeout",
-                    "max retries", "name or service not known", "temporary failure", "unreachable",
-                    "couldn't reach", "could not reach", "localentrynotfound", "outgoing traffic has been disabled")
+_OFFLINE_MARKERS = ("offline", "connectionerror", "connection refused", "connection aborted", "connection reset",
+                    "failed to resolve", "name or service not known", "temporary failure in name resolution",
+                    "max retries", "timed out", "timeouterror", "network is unreachable", "couldn't reach",
+                    "could not reach", "couldn't connect", "could not connect", "localentrynotfound",
+                    "outgoing traffic has been disabled")
 
 
 def _looks_offline(err: BaseException) -> bool:
