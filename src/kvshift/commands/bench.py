@@ -87,7 +87,8 @@ def _kernels(args: argparse.Namespace) -> int:
     if why is not None:
         raise ValueError(f"kvshift bench kernels: {why}")
     rows = compile_all(archs=tuple(args.arch or ARCHS), full=True, progress=True)
-    cols = ["arch", "name", "num_warps", "block_t", "registers", "spills", "sass_instructions", "sass_per_element"]
+    cols = ["arch", "name", "num_warps", "block_t", "registers", "spills", "calls", "sass_instructions",
+            "sass_per_element"]
     worst = max(rows, key=lambda r: r["registers"])
     spilling = [r["name"] for r in rows if r["spills"]]
     hw = environment()
