@@ -128,6 +128,9 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, capsys):
     assert main(["train", "--resume", str(run)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["final_loss"] == first["final_loss"] and summary["val_bpb"] == first["val_bpb"]
+    assert main(["train", "--resume", str(run), "--set", "steps=6"]) == 0  # training longer goes on
+    assert [r["step"] for r in metrics(run) if "loss" in r] == list(range(1, 7))
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
 
 
 def test_resume_from_a_step_folder_continues_the_run(tmp_path):
