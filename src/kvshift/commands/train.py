@@ -34,10 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _saved_config(path: str):
     """The config saved in the checkpoint ``path`` resolves to (the newest whose trainer state reads)."""
-    from ..train.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
+    from ..train.checkpoint import STATE_FILE, latest_checkpoint, older_checkpoints
 
     folder = latest_checkpoint(path)
-    for candidate in [folder, *reversed([p for p in list_checkpoints(folder.parent) if p.name < folder.name])]:
+    for candidate in [folder, *older_checkpoints(folder)]:
         try:
             return config_from_dict(json.loads((candidate / STATE_FILE).read_text())["config"])
         except (OSError, ValueError, KeyError, TypeError):

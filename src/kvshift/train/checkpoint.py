@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "run_dir_of", "rng_state",
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "older_checkpoints", "run_dir_of", "rng_state",
            "set_rng_state"]
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "trainer_state.json"
@@ -101,6 +101,11 @@ def list_checkpoints(path: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).exists())
 
 
+def older_checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoints of ``folder``'s run that are older than it, newest first (the fall-backs)."""
+    return [p for p in reversed(list_checkpoints(folder.parent)) if p.name < folder.name]
+
+
 def latest_checkpoint(path: str | os.PathLike) -> Path:
     """Resolve a run dir, its ``checkpoints`` dir or a ``step_*`` dir to one checkpoint folder."""
     path = Path(path)
@@ -143,9 +148,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict, Path]:
     try:
         return (*_read(folder), folder)
     except ValueError as err:
-        older = [p for p in reversed(list_checkpoints(folder.parent)) if p.name < folder.name]
         explicit = (Path(path) / STATE_FILE).exists()
-        for candidate in older:
+        for candidate in older_checkpoints(folder):
             try:
                 payload = _read(candidate)
             except ValueError:

@@ -8,8 +8,9 @@ import torch
 __all__ = ["validate_kv_shift_args", "validate_cu_seqlens", "validate_rope_args", "previous_token_keep_mask"]
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+def _shape(t) -> str:
+    """``[B, T, ...]`` of a tensor, else the type name (for error messages)."""
+    return "[" + ", ".join(str(s) for s in t.shape) + "]" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def validate_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int) -> None:

@@ -87,7 +87,6 @@ def _kv_shift_fwd_kernel(
     KEEP,  # [B, T] uint8 (bool storage), read only when HAS_KEEP
     PREV,  # [B, H, D] contiguous, read only when HAS_PREV
     Y,  # [B, H, T, D] contiguous when SDPA_LAYOUT, else [B, T, H, D] contiguous
-    N,  # B * T
     T,
     H,
     D: tl.constexpr,  # a compile-time head dim: its divisibility (e.g. 72 = 8 x 9) allows vector loads
@@ -157,7 +156,6 @@ def _kv_shift_bwd_kernel(
     GX,  # [B, T, H, D] grad of x
     GPREV,  # [B, H, D] grad of prev, written only when HAS_PREV
     GW_PART,  # [num_row_blocks, H, 2] fp32 per-program partial sums of grad weight
-    N,
     T,
     H,
     D: tl.constexpr,  # a compile-time head dim: its divisibility (e.g. 72 = 8 x 9) allows vector loads
@@ -308,7 +306,7 @@ def _kv_shift_fwd(
     with _device_ctx(x):
         _kv_shift_fwd_kernel[_grid(B, T, H, block_t)](
             x, weight, cos_t, sin_t, _keep_u8(keep, x), prev_c, y,
-            N, T, H, D, weight.stride(0), weight.stride(1), *cs_strides,
+            T, H, D, weight.stride(0), weight.stride(1), *cs_strides,
             HAS_ROPE=cos is not None, HAS_KEEP=keep is not None, HAS_PREV=prev is not None,
             SDPA_LAYOUT=sdpa_layout, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_num_warps(x, block_t, block_d),
         )  # fmt: skip
@@ -356,7 +354,7 @@ def _kv_shift_bwd(
     with _device_ctx(x):
         _kv_shift_bwd_kernel[grid](
             grad_y, x, weight, cos_t, sin_t, _keep_u8(keep, x), prev_c, gx, gp, grad_weight_partial,
-            N, T, H, D, weight.stride(0), weight.stride(1), *cs_strides,
+            T, H, D, weight.stride(0), weight.stride(1), *cs_strides,
             HAS_ROPE=cos is not None, HAS_KEEP=keep is not None, HAS_PREV=prev is not None,
             SDPA_LAYOUT=sdpa_layout, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_num_warps(x, block_t, block_d),
         )  # fmt: skip

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..kv_shift.checks import validate_cu_seqlens
+from ..kv_shift.checks import _shape, validate_cu_seqlens
 
 __all__ = ["validate_short_conv_args", "document_starts", "lag_keep_masks", "MAX_WINDOW"]
 
 MAX_WINDOW = 8
-
-
-def _shape(t) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def validate_short_conv_args(x, weight, cu_seqlens=None, attention_mask=None, prev=None, reset_mask=None) -> None:
