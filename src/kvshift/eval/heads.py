@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops.kv_shift import kv_shift
 from ..ops.rope import apply_rope
 
 __all__ = ["shift_table", "attention_maps", "head_scores", "repeated_sequence_loss"]
@@ -61,16 +60,12 @@ def attention_maps(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
     for i, layer in enumerate(model.model.layers):
         attn, x = layer.self_attn, captured[i]
         cos, sin = model.model.rotary_emb(x, pos)
-        q = apply_rope(attn.q_proj(x).view(B, T, attn.num_heads, attn.head_dim), cos, sin)
+        q = attn.q_proj(x).view(B, T, attn.num_heads, attn.head_dim)
         k = attn.k_proj(x).view(B, T, attn.num_kv_heads, attn.head_dim)
-        if attn.use_kv_shift:
-            kw, _ = attn.shift_weights()
-            if attn.shift_position == "post_rope":
-                k = kv_shift(apply_rope(k, cos, sin), kw)
-            else:
-                k = apply_rope(kv_shift(k, kw), cos, sin)
+        if attn.shift_position == "post_rope":  # the layer's mixer of q and k (identity where it has none)
+            q, k = attn.mix("q", apply_rope(q, cos, sin)), attn.mix("k", apply_rope(k, cos, sin))
         else:
-            k = apply_rope(k, cos, sin)
+            q, k = apply_rope(attn.mix("q", q), cos, sin), apply_rope(attn.mix("k", k), cos, sin)
         k = k.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=2)
         scores = torch.einsum("bthd,bshd->bhts", q, k) * attn.scaling
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()

@@ -9,15 +9,19 @@ from transformers import initialization as init
 from ..ops.attention import attention_backend
 from ..ops.kv_shift import kv_shift_rope, kv_shift_step_unchecked
 from ..ops.rope import apply_rope
+from ..ops.short_conv import short_conv
 from .norm import RMSNorm
 
-__all__ = ["KVShiftAttention", "init_shift_weight", "shift_generator", "is_shift_parameter"]
+__all__ = ["KVShiftAttention", "init_shift_weight", "init_conv_weight", "shift_generator", "is_shift_parameter"]
+
+SHIFT_PARAMETER_NAMES = ("q_shift", "k_shift", "v_shift", "smear_gate", "smear_lambda")
 
 
 def is_shift_parameter(name: str) -> bool:
-    """Whether a parameter name from ``named_parameters()`` is a KV-shift weight (for state dicts and
-    wrapped models; on a live model prefer ``KVShiftAttention.shift_parameters()``)."""
-    return name.rsplit(".", 1)[-1] in ("k_shift", "v_shift")
+    """Whether a parameter name from ``named_parameters()`` is a token-mixing weight (the KV-shift
+    weights, their Q / wider / per-channel variants and the embedding smear): kept in fp32, never
+    decayed. For state dicts and wrapped models; on a live model prefer ``shift_parameters()``."""
+    return name.rsplit(".", 1)[-1] in SHIFT_PARAMETER_NAMES
 
 
 def init_shift_weight(num_heads: int, mode: str, parametrization: str = "free",
@@ -39,6 +43,44 @@ def init_shift_weight(num_heads: int, mode: str, parametrization: str = "free",
     return w
 
 
+def init_conv_weight(shape: tuple[int, ...], mode: str, parametrization: str = "free", residual: bool = False,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Initial raw weight of a short convolution, ``shape`` = ``[heads, window]`` or ``[heads, D, window]``
+    (column 0: the current token).
+
+    ``"paper"`` draws a random convex combination over the window (uniform on the simplex; for window 2
+    exactly :func:`init_shift_weight`'s U(0, 1) pair, the same numbers from the same generator),
+    ``"identity"`` is the current token alone, ``"softmax"`` a softmax of a normal draw. With ``residual``
+    (``x + conv(x)``), ``"paper"`` draws U(-1/sqrt(w), 1/sqrt(w)) and ``"identity"`` is zero.
+    """
+    W = shape[-1]
+    if mode not in ("paper", "identity", "softmax"):
+        raise ValueError(f"kv_shift_init must be 'paper', 'identity' or 'softmax', got {mode!r}")
+    if residual:
+        if mode == "identity":
+            return torch.zeros(shape)
+        if mode == "paper":
+            return (torch.rand(shape, generator=generator) * 2 - 1) / W**0.5
+        return torch.softmax(torch.randn(shape, generator=generator), dim=-1)
+    if len(shape) == 2 and W == 2:
+        return init_shift_weight(shape[0], mode, parametrization, generator=generator)
+    if mode == "identity":
+        w = torch.zeros(shape)
+        w[..., 0] = 1.0
+    elif mode == "paper":  # normalised exponentials: uniform on the simplex (Dirichlet(1, ..., 1))
+        e = -torch.log1p(-torch.rand(shape, generator=generator))
+        w = e / e.sum(-1, keepdim=True)
+    else:
+        w = torch.softmax(torch.randn(shape, generator=generator), dim=-1)
+    if parametrization == "gate":  # softmax over the window of stored logits
+        if mode == "identity":
+            w = torch.zeros(shape)
+            w[..., 0] = 30.0
+        else:
+            w = torch.log(w.clamp_min(1e-12))
+    return w
+
+
 def shift_generator(layer_idx: int) -> torch.Generator:
     """A CPU generator for one layer's shift draws that leaves the global RNG untouched.
 
@@ -56,7 +98,9 @@ class KVShiftAttention(nn.Module):
     """Multi-head / grouped-query causal attention with (optional) KV shifting.
 
     Parameters follow Hugging Face Llama (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``); a KV-shift
-    layer adds ``k_shift`` and ``v_shift`` ``[num_key_value_heads, 2]`` = (current, previous).
+    layer adds ``k_shift`` and ``v_shift`` ``[num_key_value_heads, 2]`` = (current, previous), or, for the
+    lab's variants (``kv_shift_targets`` / ``_window`` / ``_granularity`` / ``_residual``), ``{q,k,v}_shift``
+    ``[heads, window]`` / ``[heads, head_dim, window]`` applied by :func:`kvshift.ops.short_conv`.
     ``kv_shift_backend`` picks the shift kernel (see :func:`kvshift.kv_shift`): ``"auto"`` is the fused
     Triton kernel on CUDA and eager PyTorch elsewhere; set it per layer to force one.
     """
@@ -77,6 +121,13 @@ class KVShiftAttention(nn.Module):
         self.use_kv_shift = config.layer_has_kv_shift(layer_idx)
         self.shift_position = config.kv_shift_position
         self.parametrization = config.kv_shift_parametrization
+        # the paper's form runs the fused kv_shift kernels; any other mixer the PyTorch short convolution
+        self.paper_form = getattr(config, "kv_shift_is_paper_form", True)
+        self.window = getattr(config, "kv_shift_window", 2)
+        self.per_channel = getattr(config, "kv_shift_granularity", "head") == "channel"
+        self.residual = getattr(config, "kv_shift_residual", False)
+        targets = getattr(config, "kv_shift_targets", "kv")
+        self.mix_targets = tuple(t for t in "kvq" if t in targets) if self.use_kv_shift else ()
         qkv_bias = config.attention_bias or config.qkv_bias
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, H * D, bias=qkv_bias)
@@ -87,41 +138,83 @@ class KVShiftAttention(nn.Module):
         qk_norm = getattr(config, "qk_norm", False)
         self.q_norm = RMSNorm(D, eps=config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(D, eps=config.rms_norm_eps) if qk_norm else None
-        if self.use_kv_shift:
-            self.k_shift = nn.Parameter(torch.empty(Hkv, 2))
-            self.v_shift = nn.Parameter(torch.empty(Hkv, 2))
-            self.reset_shift_parameters()
+        for t in self.mix_targets:  # torch.empty: no draw from the global RNG (the paired init)
+            setattr(self, f"{t}_shift", nn.Parameter(torch.empty(self._mix_shape(t))))
+        self.reset_shift_parameters()
+
+    def _mix_shape(self, target: str) -> tuple[int, ...]:
+        heads = self.num_heads if target == "q" else self.num_kv_heads
+        return (heads, self.head_dim, self.window) if self.per_channel else (heads, self.window)
 
     def shift_parameters(self) -> list[nn.Parameter]:
         """The shift weights of this layer (empty when the shift is off): the one answer to "which
         parameters are shift weights", asked by the optimizer groups and the fp32 cast."""
-        return [self.k_shift, self.v_shift] if self.use_kv_shift else []
+        return [getattr(self, f"{t}_shift") for t in self.mix_targets]
 
     def reset_shift_parameters(self) -> None:
         """Draw ``k_shift`` / ``v_shift`` per ``config.kv_shift_init`` without consuming the global RNG.
 
         Through transformers' ``init.copy_``, which leaves weights that ``from_pretrained`` loaded alone.
         """
-        if not self.use_kv_shift or self.k_shift.is_meta:  # meta: from_pretrained fills them later
+        params = self.shift_parameters()
+        if not params or params[0].is_meta:  # meta: from_pretrained fills them later
             return
-        g = shift_generator(self.layer_idx)
-        for p in (self.k_shift, self.v_shift):
-            w = init_shift_weight(self.num_kv_heads, self.config.kv_shift_init, self.parametrization, generator=g)
+        g = shift_generator(self.layer_idx)  # drawn in the order k, v, q: K-only and KV share K's draw
+        for t, p in zip(self.mix_targets, params):
+            w = init_conv_weight(self._mix_shape(t), self.config.kv_shift_init, self.parametrization,
+                                 self.residual, generator=g)
             init.copy_(p, w.to(p.device, p.dtype))
 
     def _effective(self, raw: torch.Tensor) -> torch.Tensor:
         if self.parametrization == "gate":
-            cur = torch.sigmoid(raw[:, 0])
+            if raw.shape[-1] > 2:
+                return torch.softmax(raw, dim=-1)
+            cur = torch.sigmoid(raw[..., 0])
             return torch.stack([cur, 1.0 - cur], dim=-1)
         if self.parametrization == "clamp":
             return raw.clamp(0.0, 1.0)
         return raw
 
+    def mix_weights(self) -> dict[str, torch.Tensor]:
+        """Effective weights ``{"k": ..., "v": ..., "q": ...}`` of the mixed projections, each
+        ``[heads, window]`` or ``[heads, head_dim, window]`` (column 0: the current token)."""
+        return {t: self._effective(getattr(self, f"{t}_shift")) for t in self.mix_targets}
+
     def shift_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Effective ``(k_weight, v_weight)``, each ``[num_key_value_heads, 2]`` = (current, previous)."""
-        if not self.use_kv_shift:
+        """Effective ``(k_weight, v_weight)``, each ``[num_key_value_heads, 2]`` = (current, previous), for
+        the paper's form; None when the layer has no shift or another mixer (see :meth:`mix_weights`)."""
+        if not self.use_kv_shift or not self.paper_form:
             return None
         return self._effective(self.k_shift), self._effective(self.v_shift)
+
+    def mix(self, target: str, x: torch.Tensor, *, prev=None, pad_mask=None, reset_mask=None) -> torch.Tensor:
+        """The mixer of one projection (``"q"``, ``"k"`` or ``"v"``) on raw rows ``[B, T, heads, D]``; the
+        identity for a projection this layer does not mix. ``prev``: the ``window - 1`` raw rows before."""
+        if target not in self.mix_targets:
+            return x
+        w = self._effective(getattr(self, f"{target}_shift"))
+        if self.paper_form:
+            return kv_shift_rope(x, w, prev=None if prev is None else prev[:, -1], attention_mask=pad_mask,
+                                 reset_mask=reset_mask, backend=self.kv_shift_backend).transpose(1, 2)
+        y = short_conv(x, w, attention_mask=pad_mask, prev=prev, reset_mask=reset_mask)
+        return x + y if self.residual else y
+
+    def _conv_qkv(self, q, k, v, cos, sin, pad_mask, reset_mask, state):
+        """Queries, keys and values ``[B, heads, T, D]`` through a general mixer (not the paper's form)."""
+        post = self.shift_position == "post_rope"
+        if post:
+            q = apply_rope(self.q_norm(q) if self.q_norm is not None else q, cos, sin)
+            k = apply_rope(self.k_norm(k) if self.k_norm is not None else k, cos, sin)
+        raw = {"q": q, "k": k, "v": v}
+        out = {t: self.mix(t, raw[t], prev=state.conv_rows(t) if state is not None else None,
+                           pad_mask=pad_mask, reset_mask=reset_mask) for t in self.mix_targets}
+        if state is not None:
+            state.push_conv_rows({t: raw[t] for t in self.mix_targets}, self.window - 1, pad_mask, reset_mask)
+        q, k, v = (out.get(t, raw[t]) for t in "qkv")
+        if not post:
+            q = apply_rope(self.q_norm(q) if self.q_norm is not None else q, cos, sin)
+            k = apply_rope(self.k_norm(k) if self.k_norm is not None else k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _shift_kv(self, k, v, cos, sin, pad_mask, reset_mask, state) -> tuple[torch.Tensor, torch.Tensor]:
         """Shifted (and rotated) keys and values ``[B, Hkv, T, D]`` from raw ``[B, T, Hkv, D]`` ones."""
@@ -174,12 +267,13 @@ class KVShiftAttention(nn.Module):
         k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim)  # [B, T, Hkv, D]
         v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim)
         cos, sin = position_embeddings
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, H, T, D]
-        if self.use_kv_shift:
+        if self.use_kv_shift and not self.paper_form:
+            q, k, v = self._conv_qkv(q, k, v, cos, sin, pad_mask, reset_mask, shift_state)
+        elif self.use_kv_shift:
+            q = apply_rope(self.q_norm(q) if self.q_norm is not None else q, cos, sin).transpose(1, 2)
             k, v = self._shift_kv(k, v, cos, sin, pad_mask, reset_mask, shift_state)
         else:
+            q = apply_rope(self.q_norm(q) if self.q_norm is not None else q, cos, sin).transpose(1, 2)
             k = self.k_norm(k) if self.k_norm is not None else k
             k, v = apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
         if cache is not None:

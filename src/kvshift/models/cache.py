@@ -13,9 +13,37 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-__all__ = ["KVShiftStateMixin", "kv_shift_layer_state"]
+__all__ = ["KVShiftStateMixin", "kv_shift_layer_state", "last_rows"]
 
 _CLASSES: dict[type, type] = {}
+
+
+def last_rows(old: torch.Tensor | None, x: torch.Tensor, n: int, pad_mask: torch.Tensor | None = None,
+              reset_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The last ``n`` raw rows ``[B, n, ...]`` (oldest first) before the next token: of ``old`` ``[B, n, ...]``
+    (zeros when None) followed by the chunk ``x`` ``[B, T, ...]``, skipping padding and every row before the
+    chunk's last document start; zeros where fewer than ``n`` such rows exist."""
+    B, T = x.shape[:2]
+    if old is None:
+        old = x.new_zeros(B, n, *x.shape[2:])
+    rows = torch.cat([old.to(x.dtype), x], dim=1)  # [B, n + T, ...]
+    if pad_mask is None and reset_mask is None:
+        return rows[:, -n:].clone()
+    real = torch.ones(B, T, dtype=torch.bool, device=x.device) if pad_mask is None else pad_mask.to(torch.bool)
+    if reset_mask is not None:  # rows of an earlier document are no predecessors
+        seg = reset_mask.to(torch.bool).long().cumsum(-1)
+        real = real & (seg == seg[:, -1:])
+        old_ok = (seg[:, -1:] == 0).expand(B, n)
+    else:
+        old_ok = torch.ones(B, n, dtype=torch.bool, device=x.device)
+    valid = torch.cat([old_ok, real], dim=1)  # [B, n + T]
+    rank = valid.long().cumsum(-1)  # 1-based rank of each valid row
+    target = rank[:, -1:] - torch.arange(n - 1, -1, -1, device=x.device)  # [B, n]: ranks wanted, oldest first
+    match = (rank[:, None, :] == target[:, :, None]) & valid[:, None, :]  # [B, n, n + T]
+    idx = match.long().argmax(-1)  # [B, n]
+    picked = rows[torch.arange(B, device=x.device)[:, None], idx]  # [B, n, ...]
+    has = match.any(-1).view(B, n, *([1] * (x.dim() - 2)))
+    return torch.where(has, picked, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 class KVShiftStateMixin:
@@ -28,6 +56,36 @@ class KVShiftStateMixin:
 
     shift_k: torch.Tensor | None = None
     shift_v: torch.Tensor | None = None
+    # the lab's mixers ({"q", "k", "v", "smear"} -> raw rows [B, n, ...], oldest first): the last n = window - 1
+    # rows, or, while recording for a rollback, every row since the last crop after n leading ones
+    conv_state: dict[str, torch.Tensor] | None = None
+    conv_keep: dict[str, int] | None = None  # n per mixer
+
+    def conv_rows(self, name: str) -> torch.Tensor | None:
+        """The last ``window - 1`` raw rows of mixer ``name`` (None before the first chunk)."""
+        if not self.conv_state or name not in self.conv_state:
+            return None
+        return self.conv_state[name][:, -self.conv_keep[name]:]
+
+    def push_conv_rows(self, rows: dict[str, torch.Tensor], n: int, pad_mask: torch.Tensor | None = None,
+                       reset_mask: torch.Tensor | None = None) -> None:
+        """Record the raw rows ``[B, T, ...]`` of a chunk for every mixer in ``rows`` (window ``n + 1``)."""
+        state = dict(self.conv_state or {})
+        self.conv_keep = {**(self.conv_keep or {}), **{name: n for name in rows}}
+        for name, x in rows.items():
+            x = x.detach()
+            old = state.get(name)
+            if old is not None and old.shape[0] != x.shape[0]:
+                raise ValueError(f"cache holds KV-shift state for batch size {old.shape[0]}, got a batch of "
+                                 f"{x.shape[0]}")
+            if self.record_past:  # every row, padding zeroed (assisted decoding runs one unpadded sequence)
+                if pad_mask is not None:
+                    x = x * pad_mask.to(x.dtype).view(*pad_mask.shape, *([1] * (x.dim() - 2)))
+                head = old if old is not None else x.new_zeros(x.shape[0], n, *x.shape[2:])
+                state[name] = torch.cat([head, x], dim=1)
+            else:
+                state[name] = last_rows(None if old is None else old[:, -n:], x, n, pad_mask, reset_mask)
+        self.conv_state = state
 
     # --- state access -------------------------------------------------------------------------------
     def shift_last(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -87,9 +145,13 @@ class KVShiftStateMixin:
                 torch._dynamo.mark_static_address(self.shift_k)
                 torch._dynamo.mark_static_address(self.shift_v)
 
-    def _map_shift(self, fn) -> None:
+    def _map_shift(self, fn, conv_fn=None) -> None:
+        """Apply ``fn`` to every state tensor (``conv_fn(tensor, n)`` to the mixers' rows, when given)."""
         if self.shift_k is not None:
             self.shift_k, self.shift_v = fn(self.shift_k), fn(self.shift_v)
+        if self.conv_state:
+            self.conv_state = {k: conv_fn(t, self.conv_keep[k]) if conv_fn else fn(t)
+                               for k, t in self.conv_state.items()}
 
 
 def _state_class(layer_cls: type) -> type:
@@ -113,21 +175,27 @@ def _state_class(layer_cls: type) -> type:
             self._map_shift(lambda t: t[indices])
 
         def crop(self, tokens_to_remove: int) -> None:
-            if self.shift_k is not None and tokens_to_remove < 0:
+            if tokens_to_remove < 0:
                 n = -tokens_to_remove
-                if n >= self.shift_k.shape[1]:
+                held = []
+                if self.shift_k is not None:
+                    held.append(self.shift_k.shape[1] - 1)
+                if self.conv_state:
+                    held += [t.shape[1] - self.conv_keep[k] for k, t in self.conv_state.items()]
+                if held and n > min(held):
                     raise RuntimeError(
                         f"cannot roll back {n} token(s): the KV-shift state keeps the raw k/v of only "
-                        f"{self.shift_k.shape[1] - 1} token(s) before the latest one; call "
+                        f"{min(held)} token(s) before the latest one; call "
                         "cache.activate_past_recording() before generating candidates to roll back"
                     )
                 self._map_shift(lambda t: t[:, :-n])
             super().crop(tokens_to_remove)  # the base layer rejects positive (legacy) counts
-            self._map_shift(lambda t: t[:, -1:])
+            self._map_shift(lambda t: t[:, -1:], lambda t, n: t[:, -n:])
 
         def reset(self) -> None:
             super().reset()
             self.shift_k = self.shift_v = None
+            self.conv_state = self.conv_keep = None
 
         def activate_past_recording(self) -> None:
             self.record_past = True
@@ -166,5 +234,6 @@ def kv_shift_layer_state(cache: Cache, layer_idx: int) -> KVShiftStateMixin:
     if not isinstance(layer, KVShiftStateMixin):
         layer.__class__ = _state_class(type(layer))
         layer.shift_k = layer.shift_v = None
+        layer.conv_state = layer.conv_keep = None
         layer.record_past = bool(getattr(layer, "record_past", False))
     return layer

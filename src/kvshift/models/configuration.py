@@ -10,11 +10,37 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["KVShiftConfig", "KV_SHIFT_INITS", "KV_SHIFT_POSITIONS"]
+__all__ = ["KVShiftConfig", "KV_SHIFT_INITS", "KV_SHIFT_POSITIONS", "KV_SHIFT_TARGETS", "TOKEN_MIXING_VARIANTS"]
 
 KV_SHIFT_INITS = ("paper", "identity", "softmax")
 KV_SHIFT_POSITIONS = ("pre_rope", "post_rope")
 KV_SHIFT_PARAMETRIZATIONS = ("free", "gate", "clamp")
+KV_SHIFT_TARGETS = ("kv", "k", "v", "qkv")
+KV_SHIFT_GRANULARITIES = ("head", "channel")
+MAX_KV_SHIFT_WINDOW = 8
+
+# Named token-mixing variants of the lab (`kvshift reproduce ablations` / `relatives`): config fields that
+# turn the one model into each relative of KV shifting. "vanilla" switches every mixer off.
+TOKEN_MIXING_VARIANTS: dict[str, dict] = {
+    "vanilla": {"kv_shift": False},
+    "kv": {},  # the paper: K and V, window 2, one weight pair per KV head
+    "k": {"kv_shift_targets": "k"},
+    "v": {"kv_shift_targets": "v"},
+    "qkv": {"kv_shift_targets": "qkv"},  # paper App. J
+    "kv-gate": {"kv_shift_parametrization": "gate"},
+    "kv-clamp": {"kv_shift_parametrization": "clamp"},
+    "kv-w3": {"kv_shift_window": 3},  # paper §4.8
+    "kv-channel": {"kv_shift_granularity": "channel"},
+    "kv-channel-w3": {"kv_shift_granularity": "channel", "kv_shift_window": 3},
+    "kv-channel-w4": {"kv_shift_granularity": "channel", "kv_shift_window": 4},
+    # Canon-B-like: a per-channel causal convolution of width 4 with a residual on Q, K and V
+    "canon-b": {"kv_shift_targets": "qkv", "kv_shift_window": 4, "kv_shift_granularity": "channel",
+                "kv_shift_residual": True},
+    # Primer-like (multi-dconv-head attention): a per-channel width-3 convolution on Q, K and V
+    "primer": {"kv_shift_targets": "qkv", "kv_shift_window": 3, "kv_shift_granularity": "channel"},
+    # nanochat / modded-nanogpt style: a gated add of the previous token's embedding, no shift in attention
+    "smear": {"kv_shift": False, "token_smear": True},
+}
 
 # Keys that Hugging Face itself passes through a config's constructor (loading, BC, generation).
 _PASS_THROUGH_KEYS = {
@@ -38,7 +64,26 @@ class KVShiftConfig(PreTrainedConfig):
       (Baichuan-M1 style, softmax of a normal draw).
     - ``kv_shift_position``: ``"pre_rope"`` (the paper's order) or ``"post_rope"``.
     - ``kv_shift_parametrization``: ``"free"`` (paper), ``"gate"`` (current = sigmoid(a), previous =
-      1 - current) or ``"clamp"`` (each weight clamped to [0, 1]); the ablations of the paper's §4.7.
+      1 - current; for windows over 2 a softmax over the window) or ``"clamp"`` (each weight clamped to
+      [0, 1]); the ablations of the paper's §4.7.
+    - ``kv_shift_targets``: which projections are mixed: ``"kv"`` (paper), ``"k"``, ``"v"`` or ``"qkv"``
+      (paper App. J). The weights are ``q_shift`` / ``k_shift`` / ``v_shift``.
+    - ``kv_shift_window``: how many tokens each mixed row sees, the current one included: 2 (paper), 3
+      (paper §4.8), up to 8. Wider windows are the causal short convolution :func:`kvshift.ops.short_conv`.
+    - ``kv_shift_granularity``: ``"head"`` (paper: one weight per head and lag, ``[heads, window]``) or
+      ``"channel"`` (Primer / Canon style: ``[heads, head_dim, window]``).
+    - ``kv_shift_residual``: add the convolution to its input, ``x + conv(x)`` (Canon style); the
+      ``"paper"`` init then draws U(-1/sqrt(w), 1/sqrt(w)) (a depthwise ``Conv1d``'s default) and
+      ``"identity"`` is all zeros.
+    - ``token_smear``: add a gated share of the previous token's embedding to each token embedding,
+      ``e_t + lambda * sigmoid(g . e_t[:24]) * e_{t-1}`` (nanochat / modded-nanogpt's smear; ``lambda`` and
+      ``g`` start at 0, so the model starts as without it).
+
+    Every mixer sees zero predecessors at sequence and document starts and never reads padding; the
+    decode state keeps the raw last ``window - 1`` rows of each mixed projection. The paper's case
+    (``"kv"``, window 2, per head, no residual) runs the fused :func:`kvshift.kv_shift` kernels, the
+    others the PyTorch :func:`kvshift.ops.short_conv`. :data:`TOKEN_MIXING_VARIANTS` names the lab's
+    variants.
     - ``qkv_bias``: bias on q/k/v projections only (Qwen2); ``attention_bias`` adds it to all four (Llama).
     - ``qk_norm``: per-head RMSNorm on queries and keys (Qwen3). On keys it acts on the *shifted* key,
       before RoPE (shift -> k-norm -> RoPE, BlaGPT's order; with ``post_rope``: k-norm -> RoPE -> shift),
@@ -54,11 +99,13 @@ class KVShiftConfig(PreTrainedConfig):
         layer; entries only for parameters this config has."""
         attn, mlp = "layers.*.self_attn", "layers.*.mlp"
         plan = {f"{attn}.q_proj": "colwise", f"{attn}.k_proj": "colwise", f"{attn}.v_proj": "colwise"}
+        targets = getattr(self, "kv_shift_targets", "kv")
         if getattr(self, "qk_norm", False):
             plan.update({f"{attn}.q_norm": "replicated_with_grad_allreduce",
                          f"{attn}.k_norm": "replicated_with_grad_allreduce"})
         if any(self.layer_has_kv_shift(i) for i in range(self.num_hidden_layers)):
-            plan.update({f"{attn}.k_shift": "colwise", f"{attn}.v_shift": "colwise", attn: "local_params"})
+            plan.update({f"{attn}.{t}_shift": "colwise" for t in "qkv" if t in targets})
+            plan[attn] = "local_params"
         plan.update({f"{attn}.o_proj": "rowwise", f"{mlp}.gate_proj": "colwise", f"{mlp}.up_proj": "colwise",
                      f"{mlp}.down_proj": "rowwise"})
         return plan
@@ -91,6 +138,11 @@ class KVShiftConfig(PreTrainedConfig):
     kv_shift_init: str = "paper"
     kv_shift_position: str = "pre_rope"
     kv_shift_parametrization: str = "free"
+    kv_shift_targets: str = "kv"
+    kv_shift_window: int = 2
+    kv_shift_granularity: str = "head"
+    kv_shift_residual: bool = False
+    token_smear: bool = False
 
     def __post_init__(self, **kwargs):
         unknown = sorted(
@@ -163,6 +215,18 @@ class KVShiftConfig(PreTrainedConfig):
                 f"kv_shift_parametrization must be one of {KV_SHIFT_PARAMETRIZATIONS}, "
                 f"got {self.kv_shift_parametrization!r}"
             )
+        if self.kv_shift_targets not in KV_SHIFT_TARGETS:
+            raise ValueError(f"kv_shift_targets must be one of {KV_SHIFT_TARGETS}, got {self.kv_shift_targets!r}")
+        w = self.kv_shift_window
+        if not isinstance(w, int) or isinstance(w, bool) or not 2 <= w <= MAX_KV_SHIFT_WINDOW:
+            raise ValueError(f"kv_shift_window must be an int in [2, {MAX_KV_SHIFT_WINDOW}] (tokens seen, the "
+                             f"current one included), got {w!r}")
+        if self.kv_shift_granularity not in KV_SHIFT_GRANULARITIES:
+            raise ValueError(f"kv_shift_granularity must be one of {KV_SHIFT_GRANULARITIES}, "
+                             f"got {self.kv_shift_granularity!r}")
+        for name in ("kv_shift_residual", "token_smear"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.kv_shift, (list, tuple)):
             if len(self.kv_shift) != self.num_hidden_layers:
                 raise ValueError(
@@ -175,6 +239,12 @@ class KVShiftConfig(PreTrainedConfig):
             raise ValueError(f"kv_shift must be a bool or a list of bools, got {self.kv_shift!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window}")
+
+    @property
+    def kv_shift_is_paper_form(self) -> bool:
+        """Whether the shift is the paper's (K and V, window 2, per head, no residual): the fused kernels."""
+        return (self.kv_shift_targets == "kv" and self.kv_shift_window == 2 and self.kv_shift_granularity == "head"
+                and not self.kv_shift_residual)
 
     def layer_has_kv_shift(self, layer_idx: int) -> bool:
         """Whether layer ``layer_idx`` uses KV shifting."""

@@ -20,6 +20,7 @@ from ..layers.attention import KVShiftAttention
 from ..layers.block import DecoderLayer
 from ..layers.norm import RMSNorm
 from ..layers.rope import RotaryEmbedding
+from ..layers.smear import TokenSmear
 from ..ops.kv_shift.checks import validate_cu_seqlens
 from .cache import kv_shift_layer_state
 from .configuration import KVShiftConfig
@@ -103,6 +104,8 @@ class KVShiftPreTrainedModel(PreTrainedModel):
         if isinstance(module, KVShiftAttention):
             # a peeked generator: the global RNG, and so every shared weight, is the vanilla model's
             module.reset_shift_parameters()
+        elif isinstance(module, TokenSmear):
+            module.reset_parameters()
 
 
 class KVShiftModel(KVShiftPreTrainedModel):
@@ -115,6 +118,7 @@ class KVShiftModel(KVShiftPreTrainedModel):
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        self.smear = TokenSmear(config.hidden_size) if getattr(config, "token_smear", False) else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -195,6 +199,12 @@ class KVShiftModel(KVShiftPreTrainedModel):
         causal_mask = make_mask(**mask_kwargs)
 
         hidden = inputs_embeds
+        if self.smear is not None:
+            state = kv_shift_layer_state(cache, 0) if cache is not None else None
+            hidden = self.smear(hidden, prev=state.conv_rows("smear") if state is not None else None,
+                                pad_mask=pad_mask, reset_mask=reset_mask)
+            if state is not None:
+                state.push_conv_rows({"smear": inputs_embeds}, 1, pad_mask, reset_mask)
         position_embeddings = self.rotary_emb(hidden, position_ids)
         # what the attention backends may use besides the mask (flash-attention's varlen path reads
         # position_ids when there is no mask)
@@ -242,8 +252,8 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
         cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
         if isinstance(cache, Cache):
             for i, layer in enumerate(self.model.layers):
-                if layer.self_attn.use_kv_shift:
-                    kv_shift_layer_state(cache, i)
+                if layer.self_attn.use_kv_shift or (i == 0 and self.model.smear is not None):
+                    kv_shift_layer_state(cache, i)  # layer 0 also keeps the smear's previous embedding
             if getattr(generation_config, "is_assistant", False):  # transformers asked before the upgrade
                 cache.activate_past_recording()
         return out
