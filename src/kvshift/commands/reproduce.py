@@ -18,6 +18,9 @@ EXPERIMENTS = {
     "theorem2": ("kvshift.experiments.theorem2", "run_theorem2"),
     "theorem3": ("kvshift.experiments.theorem3", "run_theorem3"),
     "lr-robustness": ("kvshift.experiments.lr_robustness", "run_lr_robustness"),
+    "ablations": ("kvshift.experiments.variants", "run_ablations"),
+    "relatives": ("kvshift.experiments.variants", "run_relatives"),
+    "scaling": ("kvshift.experiments.variants", "run_scaling"),
 }
 
 
@@ -44,8 +47,10 @@ def run_experiment(name: str, *, quick: bool = True, seeds: int | None = None, o
     module, fn = EXPERIMENTS[name]
     if not quick:
         from ..experiments.toy import EXPECTED_FULL_TIME
+        from ..experiments.variants import EXPECTED_FULL_TIME as VARIANTS_FULL_TIME
 
-        print(f"[{name}] --full: expected time {EXPECTED_FULL_TIME.get(name, 'a few minutes')}", file=sys.stderr)
+        expected = {**EXPECTED_FULL_TIME, **VARIANTS_FULL_TIME}.get(name, "a few minutes")
+        print(f"[{name}] --full: expected time {expected}", file=sys.stderr)
     runner = getattr(importlib.import_module(module), fn)
     # --steps applies to the trained experiments; the theorem experiments train nothing
     kwargs = {"steps": steps} if steps is not None and "steps" in inspect.signature(runner).parameters else {}

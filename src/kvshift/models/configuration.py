@@ -30,6 +30,7 @@ TOKEN_MIXING_VARIANTS: dict[str, dict] = {
     "kv-gate": {"kv_shift_parametrization": "gate"},
     "kv-clamp": {"kv_shift_parametrization": "clamp"},
     "kv-w3": {"kv_shift_window": 3},  # paper §4.8
+    "kv-w4": {"kv_shift_window": 4},
     "kv-channel": {"kv_shift_granularity": "channel"},
     "kv-channel-w3": {"kv_shift_granularity": "channel", "kv_shift_window": 3},
     "kv-channel-w4": {"kv_shift_granularity": "channel", "kv_shift_window": 4},

@@ -31,6 +31,12 @@ class ModelConfig:
     kv_shift_init: str = "paper"
     kv_shift_position: str = "pre_rope"
     kv_shift_parametrization: str = "free"
+    # the lab's variants (see KVShiftConfig and TOKEN_MIXING_VARIANTS)
+    kv_shift_targets: str = "kv"
+    kv_shift_window: int = 2
+    kv_shift_granularity: str = "head"
+    kv_shift_residual: bool = False
+    token_smear: bool = False
     # auto: flex_attention on CUDA (block-sparse document masks for packed rows), sdpa on CPU; or any of
     # ATTN_IMPLEMENTATIONS (flex_attention trains on CUDA only: no backward on CPU)
     attn_implementation: str = "auto"
