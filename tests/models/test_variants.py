@@ -325,3 +325,23 @@ def test_attention_maps_of_the_analysis_equal_the_models(name):
         want = m(ids, use_cache=False, output_attentions=True).attentions
     got = attention_maps(m, ids)
     assert len(got) == len(want) and all((a - b).abs().max() <= 1e-5 for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("name", ["qkv", "kv-w3", "canon-b", "smear"])
+def test_static_cache_and_sampling_equal_recompute(name):
+    m = variant_model(name)
+    seqs = [torch.randint(3, 97, (n,)) for n in (7, 2)]
+    T = 7
+    ids = torch.full((2, T), 9, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):], mask[i, T - len(s):] = s, 1
+    kw = dict(attention_mask=mask, max_new_tokens=6, **GREEDY)
+    ref = m.generate(ids, use_cache=False, **kw)
+    assert torch.equal(m.generate(ids, cache_implementation="static", **kw), ref)
+    assert torch.equal(m.generate(ids, **kw), ref)
+    sample = dict(attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0, eos_token_id=None)
+    torch.manual_seed(4)
+    a = m.generate(ids, **sample)
+    torch.manual_seed(4)
+    assert torch.equal(a, m.generate(ids, use_cache=False, **sample))
