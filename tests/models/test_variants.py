@@ -207,10 +207,17 @@ def test_k_only_and_kv_draw_the_same_key_weights():
 
 
 @pytest.mark.parametrize("shape", [(3, 3), (3, 4), (2, 5, 2), (2, 5, 4)])
-def test_paper_init_is_a_random_convex_combination(shape):
+def test_paper_init_follows_the_papers_wider_window_rule(shape):
+    """Paper §4.7: the first w - 1 taps ~ U(0, 1), the oldest 1 - their sum."""
     w = init_conv_weight(shape, "paper", generator=torch.Generator().manual_seed(0))
     assert torch.allclose(w.sum(-1), torch.ones(shape[:-1]))
-    assert (w >= 0).all() and w.std() > 0.05
+    assert (w[..., :-1] >= 0).all() and (w[..., :-1] <= 1).all() and w.std() > 0.05
+    big = init_conv_weight((4000, shape[-1]), "paper", generator=torch.Generator().manual_seed(1))
+    assert (big[:, :-1].mean(0) - 0.5).abs().max() < 0.03  # uniform taps
+    if shape[-1] > 2:
+        assert (big[:, -1] < 0).any()  # the oldest tap can start negative, as in the paper
+    gate = torch.softmax(init_conv_weight(shape, "paper", "gate", generator=torch.Generator().manual_seed(0)), -1)
+    assert (gate > 0).all() and torch.allclose(gate.sum(-1), torch.ones(shape[:-1]))
     ident = init_conv_weight(shape, "identity")
     assert torch.equal(ident[..., 0], torch.ones(shape[:-1])) and not ident[..., 1:].any()
     assert not init_conv_weight(shape, "identity", residual=True).any()
@@ -345,3 +352,50 @@ def test_static_cache_and_sampling_equal_recompute(name):
     a = m.generate(ids, **sample)
     torch.manual_seed(4)
     assert torch.equal(a, m.generate(ids, use_cache=False, **sample))
+
+
+def test_a_general_mixer_compiles_fullgraph_and_matches_eager():
+    """Training a variant under torch.compile(fullgraph=True): packed rows, values and gradients as in eager."""
+    m = variant_model("canon-b", token_smear=True).train()
+    ids = torch.randint(3, 97, (2, 12))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]] * 2)
+
+    def loss(model):
+        return model(ids, position_ids=pos, labels=ids, use_cache=False).loss
+
+    eager = loss(m)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if is_shift_parameter(n)}
+    m.zero_grad()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(m)
+    compiled.backward()
+    assert (compiled - eager).abs() <= 1e-5
+    for n, g in grads.items():
+        assert torch.allclose(dict(m.named_parameters())[n].grad, g, atol=1e-5), n
+
+
+@pytest.mark.parametrize("name", ["qkv", "kv-w3", "canon-b"])
+@pytest.mark.parametrize("extra", [{"kv_shift_position": "post_rope"}, {"qk_norm": True},
+                                   {"kv_shift_position": "post_rope", "qk_norm": True}],
+                         ids=["post_rope", "qk_norm", "post_rope+qk_norm"])
+def test_positions_and_qk_norm_decode_exactly(name, extra):
+    m = variant_model(name, **extra)
+    ids = torch.randint(3, 97, (2, 10))
+    cache = DynamicCache(config=m.config)
+    with torch.no_grad():
+        outs = [m(ids[:, :4], cache=cache, use_cache=True).logits]
+        outs += [m(ids[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(4, 10)]
+    assert (torch.cat(outs, 1) - full_logits(m, ids)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("shape", [(3, 2), (2, 5, 2), (2, 5, 3)])
+@pytest.mark.parametrize("mode", ["paper", "identity", "softmax"])
+def test_gate_init_starts_convex_and_identity_is_the_current_token(shape, mode):
+    m = tiny_model(randomize_shift=False, kv_shift_parametrization="gate", kv_shift_init=mode,
+                   kv_shift_window=shape[-1], kv_shift_granularity="channel" if len(shape) == 3 else "head")
+    w = m.model.layers[0].self_attn.mix_weights()["k"]
+    assert torch.allclose(w.sum(-1), torch.ones(w.shape[:-1]), atol=1e-6) and (w >= 0).all()
+    if mode == "identity":
+        assert torch.allclose(w[..., 0], torch.ones(w.shape[:-1]), atol=1e-6)
+    else:
+        assert w[..., 0].std() > 0.02

@@ -48,10 +48,13 @@ def init_conv_weight(shape: tuple[int, ...], mode: str, parametrization: str = "
     """Initial raw weight of a short convolution, ``shape`` = ``[heads, window]`` or ``[heads, D, window]``
     (column 0: the current token).
 
-    ``"paper"`` draws a random convex combination over the window (uniform on the simplex; for window 2
-    exactly :func:`init_shift_weight`'s U(0, 1) pair, the same numbers from the same generator),
-    ``"identity"`` is the current token alone, ``"softmax"`` a softmax of a normal draw. With ``residual``
-    (``x + conv(x)``), ``"paper"`` draws U(-1/sqrt(w), 1/sqrt(w)) and ``"identity"`` is zero.
+    ``"paper"`` is the paper's rule for its wider-window ablation (§4.7): the current and the next
+    ``w - 2`` taps ~ U(0, 1), the oldest one ``1 -`` their sum (the weights sum to 1, the oldest may be
+    negative; for window 2 exactly :func:`init_shift_weight`'s pair, the same numbers from the same
+    generator); ``"identity"`` is the current token alone, ``"softmax"`` a softmax of a normal draw. The
+    ``"gate"`` parametrisation (a softmax over the window) starts from a point uniform on the simplex.
+    With ``residual`` (``x + conv(x)``), ``"paper"`` draws U(-1/sqrt(w), 1/sqrt(w)) and ``"identity"`` is
+    zero.
     """
     W = shape[-1]
     if mode not in ("paper", "identity", "softmax"):
@@ -64,20 +67,27 @@ def init_conv_weight(shape: tuple[int, ...], mode: str, parametrization: str = "
         return torch.softmax(torch.randn(shape, generator=generator), dim=-1)
     if len(shape) == 2 and W == 2:
         return init_shift_weight(shape[0], mode, parametrization, generator=generator)
-    if mode == "identity":
-        w = torch.zeros(shape)
-        w[..., 0] = 1.0
-    elif mode == "paper":  # normalised exponentials: uniform on the simplex (Dirichlet(1, ..., 1))
-        e = -torch.log1p(-torch.rand(shape, generator=generator))
-        w = e / e.sum(-1, keepdim=True)
-    else:
-        w = torch.softmax(torch.randn(shape, generator=generator), dim=-1)
-    if parametrization == "gate":  # softmax over the window of stored logits
+    if parametrization == "gate":  # softmax over the window of stored logits: a convex start
         if mode == "identity":
             w = torch.zeros(shape)
             w[..., 0] = 30.0
-        else:
-            w = torch.log(w.clamp_min(1e-12))
+            return w
+        if W == 2:  # stored as init_shift_weight does: the logit of the current weight, then 0
+            cur = torch.rand(shape[:-1], generator=generator) if mode == "paper" else \
+                torch.softmax(torch.randn(*shape[:-1], 2, generator=generator), dim=-1)[..., 0]
+            return torch.stack([torch.logit(cur.clamp(1e-6, 1 - 1e-6)), torch.zeros_like(cur)], dim=-1)
+        if mode == "paper":  # normalised exponentials: uniform on the simplex (Dirichlet(1, ..., 1))
+            e = -torch.log1p(-torch.rand(shape, generator=generator))
+            return torch.log((e / e.sum(-1, keepdim=True)).clamp_min(1e-12))
+        return torch.randn(shape, generator=generator)
+    if mode == "identity":
+        w = torch.zeros(shape)
+        w[..., 0] = 1.0
+    elif mode == "paper":  # paper §4.7: the first w - 1 taps ~ U(0, 1), the last one 1 - their sum
+        head = torch.rand(*shape[:-1], W - 1, generator=generator)
+        w = torch.cat([head, 1.0 - head.sum(-1, keepdim=True)], dim=-1)
+    else:
+        w = torch.softmax(torch.randn(shape, generator=generator), dim=-1)
     return w
 
 
