@@ -116,3 +116,18 @@ def test_scaling_tiny_end_to_end(tmp_path, data_dir):
     kv = [r for r in rows if r["arm"] == "kv"]
     assert all(r["vs_vanilla_pairs"] == 2 and "vs_vanilla_p_signflip" in r for r in kv)
     assert all(r["steps"] == 2 and r["non_embedding_params"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("which", ["ablations", "relatives"])
+def test_the_named_experiments_run_every_variant(tmp_path, data_dir, which):
+    from kvshift.experiments.variants import run_ablations, run_relatives
+
+    fn, variants = (run_ablations, ABLATIONS) if which == "ablations" else (run_relatives, RELATIVES)
+    out = tmp_path / which
+    fn(seeds=1, steps=1, out_dir=out, data=data_dir)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["variant"] for r in rows if r["workload"] == "lm"] == variants
+    assert [r["variant"] for r in rows if r["workload"] == "induction"] == variants
+    assert (out / f"{which}.png").stat().st_size > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["variants"] == {v: TOKEN_MIXING_VARIANTS[v] for v in variants}
