@@ -71,7 +71,8 @@ def test_variant_experiment_tiny_end_to_end(tmp_path, data_dir):
     for name in ("results.json", "results.md", "config.json", "relatives.png"):
         assert (out / name).exists(), name
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [(r["workload"], r["variant"]) for r in rows] == [(w, v) for w in ("lm", "induction") for v in variants]
+    for w in ("lm", "induction"):
+        assert [r["variant"] for r in rows if r["workload"] == w] == variants
     for r in rows:
         assert r["seeds"] == 2 and r["diverged"] == 0 and r["params"] > 0
         assert {"model", "layers", "kv_shift", "metric", "mean", "std", "extra_flops_per_token"} <= set(r)
