@@ -399,3 +399,24 @@ def test_gate_init_starts_convex_and_identity_is_the_current_token(shape, mode):
         assert torch.allclose(w[..., 0], torch.ones(w.shape[:-1]), atol=1e-6)
     else:
         assert w[..., 0].std() > 0.02
+
+
+@pytest.mark.parametrize("name,rows", [("kv", None), ("kv-w3", 2), ("canon-b", 3), ("primer", 2), ("smear", None)])
+def test_the_decode_state_grows_only_where_needed(name, rows):
+    m = variant_model(name)
+    cache = DynamicCache(config=m.config)
+    with torch.no_grad():
+        m(torch.randint(3, 97, (3, 9)), cache=cache, use_cache=True)
+    layer = cache.layers[1]
+    if name == "kv":
+        assert layer.shift_k.shape == (3, 1, 2, 8) and not layer.conv_state
+    elif name == "smear":
+        assert not hasattr(layer, "conv_state") or not layer.conv_state
+        assert cache.layers[0].conv_state["smear"].shape == (3, 1, 32)
+    else:
+        assert layer.shift_k is None
+        targets = TOKEN_MIXING_VARIANTS[name].get("kv_shift_targets", "kv")
+        assert set(layer.conv_state) == set(targets)
+        assert layer.conv_state["k"].shape == (3, rows, 2, 8)
+        if "q" in targets:
+            assert layer.conv_state["q"].shape == (3, rows, 4, 8)
