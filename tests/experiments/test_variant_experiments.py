@@ -132,3 +132,23 @@ def test_the_named_experiments_run_every_variant(tmp_path, data_dir, which):
     assert (out / f"{which}.png").stat().st_size > 0
     config = json.loads((out / "config.json").read_text())
     assert config["variants"] == {v: TOKEN_MIXING_VARIANTS[v] for v in variants}
+
+
+def test_reproduce_data_option(tmp_path, data_dir):
+    from kvshift.commands.reproduce import run_experiment
+
+    with pytest.raises(FileNotFoundError, match="--data"):
+        run_experiment("ablations", steps=1, seeds=1, out=tmp_path, data=str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        run_experiment("ablations", steps=1, seeds=1, out=tmp_path, data=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="--data: induction"):
+        run_experiment("induction", steps=1, seeds=1, out=tmp_path, data=data_dir)
+    run_experiment("scaling", steps=1, seeds=1, out=tmp_path, data=data_dir)
+    rows = json.loads((tmp_path / "scaling" / "results.json").read_text())["rows"]
+    corpus = json.loads((__import__("pathlib").Path(data_dir) / "meta.json").read_text())["splits"]["train"]["tokens"]
+    for r in rows:
+        if r["workload"] == "lm":
+            assert r["epochs"] == pytest.approx(r["tokens"] / corpus, abs=0.01)
+        else:
+            assert r["epochs"] is None

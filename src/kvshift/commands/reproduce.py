@@ -35,10 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="results", help="output folder; each experiment writes OUT/<name>/ (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
                         help="override the training steps of the trained experiments (smoke tests; default: each experiment's own)")
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="a `kvshift data prepare` folder for the language-model workload of lr-robustness, "
+                             "ablations, relatives and scaling (default: data/stdlib, prepared when missing)")
 
 
 def run_experiment(name: str, *, quick: bool = True, seeds: int | None = None, out: str | Path = "results",
-                   steps: int | None = None) -> dict:
+                   steps: int | None = None, data: str | None = None) -> dict:
     """Run one experiment by name; returns its results payload."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)} or 'all'")
@@ -56,14 +59,30 @@ def run_experiment(name: str, *, quick: bool = True, seeds: int | None = None, o
     kwargs = {"steps": steps} if steps is not None and "steps" in inspect.signature(runner).parameters else {}
     if seeds is not None:
         kwargs["seeds"] = seeds
+    if data is not None:
+        if "data" not in inspect.signature(runner).parameters:
+            raise ValueError(f"--data: {name} has no language-model workload (it applies to "
+                             f"{', '.join(n for n in EXPERIMENTS if _takes_data(n))})")
+        from ..paths import check_local_path
+
+        check_local_path(data, "--data", must_exist=True)
+        if not (Path(data) / "meta.json").exists():
+            raise FileNotFoundError(f"--data {data}: not a `kvshift data prepare` folder (no meta.json)")
+        kwargs["data"] = data
     return runner(quick=quick, out_dir=Path(out) / name, **kwargs)
+
+
+def _takes_data(name: str) -> bool:
+    module, fn = EXPERIMENTS[name]
+    return "data" in inspect.signature(getattr(importlib.import_module(module), fn)).parameters
 
 
 def run(args: argparse.Namespace) -> int:
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     for name in names:
         t0 = time.perf_counter()
-        run_experiment(name, quick=args.quick, seeds=args.seeds, out=args.out, steps=args.steps)
+        data = args.data if args.name != "all" or _takes_data(name) else None
+        run_experiment(name, quick=args.quick, seeds=args.seeds, out=args.out, steps=args.steps, data=data)
         out_dir = Path(args.out) / name
         print((out_dir / "results.md").read_text())
         print(f"[{name}] done in {time.perf_counter() - t0:.0f} s; wrote {out_dir}/results.json, results.md, "

@@ -32,7 +32,8 @@ TOY_STEPS = {"quick": 400, "full": 3000}
 EXPECTED_FULL_TIME = {
     "ablations": "about 1 h on one GPU (8 variants x 3 seeds; LM: the stdlib-small recipe; toy: 3,000 steps)",
     "relatives": "about 1.5 h on one GPU (10 variants x 3 seeds)",
-    "scaling": "about 1-2 h on one GPU (4 sizes x 2 arms x 3 seeds at 20 tokens per non-embedding parameter)",
+    "scaling": "about 3-4 h on one H100-class GPU (4 LM sizes up to d 512 x 8 layers, 2 arms, 3 seeds, 20 tokens "
+               "per non-embedding parameter: up to 514M tokens, so bring a big corpus with --data)",
 }
 
 
@@ -253,6 +254,17 @@ def _prepare(out: Path, data: str | None) -> None:
         prepare("stdlib", "data/stdlib")
 
 
+def _train_tokens(data: str | None) -> int | None:
+    """Training tokens of the LM workload's prepared corpus (None when unknown)."""
+    import json
+
+    meta = Path(data or "data/stdlib") / "meta.json"
+    try:
+        return int(json.loads(meta.read_text())["splits"]["train"]["tokens"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
 def _write(name: str, out: Path, summary, runs, config, notes, columns, wall) -> dict:
     from ..report import atomic_write_text, markdown_table
     from .common import write_results
@@ -398,7 +410,7 @@ def plot_scaling(summary: list[dict], path: Path) -> None:
 
 SCALING_COLUMNS = ["workload", "size", "arm", "seeds", "diverged", "mean", "std", "vs_vanilla_diff",
                    "vs_vanilla_diff_std", "vs_vanilla_p_t", "vs_vanilla_p_signflip", "vs_vanilla_better_in",
-                   "non_embedding_params", "params", "steps", "tokens"]
+                   "non_embedding_params", "params", "steps", "tokens", "epochs"]
 
 
 def run_scaling(quick: bool = True, seeds: int = 3, out_dir: str | Path = "results/scaling",
@@ -415,6 +427,12 @@ def run_scaling(quick: bool = True, seeds: int = 3, out_dir: str | Path = "resul
     if steps is not None:  # smoke tests: every size gets `steps` steps (no longer a fixed ratio)
         plan = {w: [{**p, "steps": steps, "tokens": steps * p["tokens"] // p["steps"]} for p in ps]
                 for w, ps in plan.items()}
+    corpus = _train_tokens(data)
+    for p in plan["lm"]:  # honest about repeats: a size that needs more tokens than the corpus has
+        p["epochs"] = round(p["tokens"] / corpus, 2) if corpus else None
+        if corpus and p["tokens"] > corpus:
+            print(f"scaling: {p['size']} trains on {p['tokens']:,} tokens, {p['epochs']}x the corpus "
+                  f"({corpus:,} tokens); pass a bigger `kvshift data prepare` folder with --data", file=sys.stderr)
     task, _, eval_batch = _toy_setup(quick, None)
     t0 = time.perf_counter()
     runs = []
@@ -449,7 +467,7 @@ def run_scaling(quick: bool = True, seeds: int = 3, out_dir: str | Path = "resul
     for r in summary:
         p = next(x for x in plan[r["workload"]] if x["size"] == r["size"])
         r.update(non_embedding_params=p["non_embedding_params"], steps=p["steps"], tokens=p["tokens"],
-                 layers=p["layers"])
+                 layers=p["layers"], epochs=p.get("epochs"))
         r.pop("vs_kv_diff", None)
     mode = "quick" if quick else "full"
     config = {"experiment": "scaling", "mode": mode, "seeds": seeds, "plan": plan,
