@@ -214,3 +214,35 @@ def test_decode_step_reset_equals_the_op():
                                kv_shift(x, w, prev=prev[:, 0], reset_mask=reset, backend="reference"))
     with pytest.raises(ValueError, match="reset_mask"):
         kv_shift_step(x, w, prev, reset[:2])
+
+
+@pytest.mark.parametrize("parametrization", ["free", "gate", "clamp"])
+@torch.no_grad()
+def test_decode_sees_every_change_of_the_shift_weights(parametrization):
+    """The decode step keeps the weights' columns between steps: an in-place edit, a new tensor, a
+    load_state_dict or a dtype move must still reach the next step."""
+    m = tiny_model(kv_shift_parametrization=parametrization)
+    ids = torch.randint(3, 97, (2, 9))
+
+    def cached_last():
+        cache = DynamicCache(config=m.config)
+        m(ids[:, :-1], past_key_values=cache, use_cache=True)
+        return m(ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+
+    assert (cached_last() - m(ids, use_cache=False).logits[:, -1]).abs().max() <= TOL
+    m.model.layers[0].self_attn.k_shift.mul_(-2.0)  # in place
+    assert (cached_last() - m(ids, use_cache=False).logits[:, -1]).abs().max() <= TOL
+    attn = m.model.layers[1].self_attn
+    attn.k_shift.data = torch.randn_like(attn.k_shift)  # new storage
+    assert (cached_last() - m(ids, use_cache=False).logits[:, -1]).abs().max() <= TOL
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    state["model.layers.1.self_attn.v_shift"].add_(0.5)
+    m.load_state_dict(state)
+    assert (cached_last() - m(ids, use_cache=False).logits[:, -1]).abs().max() <= TOL
+    m.double()
+    ids64 = ids
+    cache = DynamicCache(config=m.config)
+    m(ids64[:, :-1], past_key_values=cache, use_cache=True)
+    out = m(ids64[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+    assert out.dtype == torch.float64
+    assert (out - m(ids64, use_cache=False).logits[:, -1]).abs().max() <= 1e-9

@@ -226,6 +226,23 @@ class KVShiftAttention(nn.Module):
             k = apply_rope(self.k_norm(k) if self.k_norm is not None else k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
+    def _decode_columns(self, k_w: torch.Tensor, v_w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The ``[H, 1]`` (current, previous) columns of the effective K and V weights for a decode step.
+
+        Without autograd and outside compile they are kept between steps, keyed on the parameters'
+        versions and storage (any in-place update, load or move makes new ones): their four view ops
+        were a measurable share of an eager CPU decode step.
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return (*k_w.unsqueeze(-1).unbind(1), *v_w.unsqueeze(-1).unbind(1))
+        ks, vs = self.k_shift, self.v_shift
+        key = (ks._version, vs._version, ks.data_ptr(), vs.data_ptr(), ks.device, ks.dtype)
+        cached = self.__dict__.get("_decode_cols")
+        if cached is None or cached[0] != key:
+            cached = (key, (*k_w.unsqueeze(-1).unbind(1), *v_w.unsqueeze(-1).unbind(1)))
+            self.__dict__["_decode_cols"] = cached
+        return cached[1]
+
     def _shift_kv(self, k, v, cos, sin, pad_mask, reset_mask, state) -> tuple[torch.Tensor, torch.Tensor]:
         """Shifted (and rotated) keys and values ``[B, Hkv, T, D]`` from raw ``[B, T, Hkv, D]`` ones."""
         T = k.shape[1]
@@ -235,8 +252,9 @@ class KVShiftAttention(nn.Module):
             k = apply_rope(self.k_norm(k) if self.k_norm is not None else k, cos, sin)
         raw_k, raw_v = k, v  # the raw (pre-shift) rows are the next chunk's predecessors
         if T == 1 and prev_k is not None:  # a decode step: a few small ops per tensor, branch-free
-            k = kv_shift_step_unchecked(k, *k_w.unsqueeze(-1).unbind(1), prev_k, reset_mask)
-            v = kv_shift_step_unchecked(v, *v_w.unsqueeze(-1).unbind(1), prev_v, reset_mask)
+            k_cur, k_prev, v_cur, v_prev = self._decode_columns(k_w, v_w)
+            k = kv_shift_step_unchecked(k, k_cur, k_prev, prev_k, reset_mask)
+            v = kv_shift_step_unchecked(v, v_cur, v_prev, prev_v, reset_mask)
             if self.shift_position == "pre_rope":
                 k = apply_rope(self.k_norm(k) if self.k_norm is not None else k, cos, sin)
             k, v = k.transpose(1, 2), v.transpose(1, 2)
