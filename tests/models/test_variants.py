@@ -420,3 +420,13 @@ def test_the_decode_state_grows_only_where_needed(name, rows):
         assert layer.conv_state["k"].shape == (3, rows, 2, 8)
         if "q" in targets:
             assert layer.conv_state["q"].shape == (3, rows, 4, 8)
+
+
+@pytest.mark.parametrize("name", ["kv-w3", "smear"])
+def test_rollback_without_recording_is_refused(name):
+    m = variant_model(name)
+    cache = DynamicCache(config=m.config)
+    with torch.no_grad():
+        m(torch.randint(3, 97, (1, 6)), cache=cache, use_cache=True)
+    with pytest.raises(RuntimeError, match="roll back"):
+        cache.crop(-2)

@@ -4,11 +4,12 @@ The KV cache itself holds the *shifted* (and rotated) keys and values, exactly a
 KV shifting needs one more thing per layer and sequence: the raw (pre-shift) key and value of the
 latest token, the predecessor of the next token fed to the model (``shift_k`` / ``shift_v``
 ``[B, 1, H_kv, D]``). The lab's other mixers keep, in ``conv_state[name]``, the raw last ``window - 1``
-rows of each mixed projection (``"q"``, ``"k"``, ``"v"``: ``[B, window - 1, heads, D]``, oldest first) and
-the smear its previous embedding (``"smear"``, on layer 0): the state grows only where a variant needs it. This module grafts that state onto
-the cache layers of whatever cache the caller uses (``DynamicCache``, ``StaticCache``, sliding,
-quantized...) by switching each layer object to a subclass that also moves the state on beam reorder,
-batch expansion/selection, crop (speculative rollback) and reset.
+rows of each mixed projection (``"q"``, ``"k"``, ``"v"``: ``[B, window - 1, heads, D]``, oldest first)
+and the smear its previous embedding (``"smear"``, on layer 0): the state grows only where a variant
+needs it. This module grafts that state onto the cache layers of whatever cache the caller uses
+(``DynamicCache``, ``StaticCache``, sliding, quantized...) by switching each layer object to a subclass
+that also moves the state on beam reorder, batch expansion/selection, crop (speculative rollback) and
+reset.
 """
 
 from __future__ import annotations
