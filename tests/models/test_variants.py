@@ -334,7 +334,7 @@ def test_attention_maps_of_the_analysis_equal_the_models(name):
     assert len(got) == len(want) and all((a - b).abs().max() <= 1e-5 for a, b in zip(got, want))
 
 
-@pytest.mark.parametrize("name", ["qkv", "kv-w3", "canon-b", "smear"])
+@pytest.mark.parametrize("name", MIXERS)
 def test_static_cache_and_sampling_equal_recompute(name):
     m = variant_model(name)
     seqs = [torch.randint(3, 97, (n,)) for n in (7, 2)]
