@@ -123,6 +123,7 @@ def test_lr_robustness_tiny_end_to_end(tmp_path):
         (w, m, lr) for w in ("lm", "induction") for m in ("vanilla", "kvshift") for lr in (1e-3, 1e4)}
     for r in rows:
         assert r["seeds"] == 2 and 0 <= r["diverged"] <= 2 and {"mean", "std", "nonfinite"} <= set(r)
+        assert r["layers"] == (2 if r["workload"] == "lm" else 1)  # the toy workload is the 1-layer one
     huge = [r for r in rows if r["lr"] == 1e4 and r["workload"] == "induction"]
     assert all(r["diverged"] == 2 and r["nonfinite"] == 2 and r["mean"] is None for r in huge)  # lr 1e4 blows up
     kv_small = next(r for r in rows if r["lr"] == 1e-3 and r["workload"] == "lm" and r["model"] == "kvshift")
