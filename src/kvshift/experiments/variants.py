@@ -213,7 +213,8 @@ def plot_variants(summary: list[dict], runs: list[dict], path: Path, title: str)
         ys = np.arange(len(lm))
         ax0.barh(ys, [r["vs_vanilla_diff"] for r in lm], xerr=[r["vs_vanilla_diff_std"] for r in lm],
                  color=["C1" if r["variant"] == "kv" else "C0" for r in lm], capsize=3)
-        ax0.set_yticks(ys, [f"{r['variant']} (p={r.get('vs_vanilla_p_signflip') or float('nan'):.2g})" for r in lm])
+        ax0.set_yticks(ys, [f"{r['variant']} (sign-flip p {r.get('vs_vanilla_p_signflip') or float('nan'):.2g})"
+                            for r in lm])
         ax0.axvline(0, color="0.3", linewidth=1)
         ax0.invert_yaxis()
         n = max(r["seeds"] for r in lm)
