@@ -18,7 +18,7 @@ from ..report import (  # noqa: F401  (re-exported for the experiment modules)
     to_jsonable,
 )
 
-__all__ = ["ROW_COLUMNS", "write_results", "model_styles"]
+__all__ = ["ROW_COLUMNS", "write_results", "model_styles", "prepare_lm_run"]
 
 # The fields every row of a results.json carries, in table order.
 ROW_COLUMNS: tuple[str, ...] = ("model", "layers", "kv_shift", "metric", "mean", "std", "seeds")
@@ -76,3 +76,19 @@ def model_styles(kv_shift: dict[str, bool]) -> dict[str, dict[str, Any]]:
         colour = colours.setdefault(size, palette[len(colours) % len(palette)])
         out[name] = {"color": colour, "linestyle": "-" if kv else "--"}
     return out
+
+
+def prepare_lm_run(out: Path, data: str | None, name: str) -> None:
+    """Before an experiment with a language-model workload: refuse an ``out`` that already holds runs
+    (nothing in it is touched), and prepare ``data/stdlib`` (what the workload reads) when no ``data``
+    folder is given and it is missing."""
+    import sys
+
+    out = Path(out)
+    if (out / "runs").exists() and any((out / "runs").iterdir()):
+        raise FileExistsError(f"{out} already holds runs; choose another out folder or remove {out / 'runs'}")
+    if data is None and not (Path("data/stdlib") / "meta.json").exists():
+        from ..data.shards import prepare
+
+        print(f"{name}: preparing data/stdlib (the stdlib BPE corpus, about 20 s)", file=sys.stderr)
+        prepare("stdlib", "data/stdlib")

@@ -163,20 +163,14 @@ def run_lr_robustness(quick: bool = True, seeds: int = 5, out_dir: str | Path = 
     from tqdm.auto import tqdm
 
     from ..report import atomic_write_text, markdown_table
-    from .common import write_results
+    from .common import prepare_lm_run, write_results
     from .compare import _p
 
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     out = Path(out_dir)
-    if (out / "runs").exists() and any((out / "runs").iterdir()):
-        raise FileExistsError(f"{out} already holds runs; choose another out folder or remove {out / 'runs'}")
     lrs = list(lrs) if lrs is not None else LR_GRID["quick" if quick else "full"]
-    if data is None and not (Path("data/stdlib") / "meta.json").exists():  # what `kvshift compare` reads
-        from ..data.shards import prepare
-
-        print("lr-robustness: preparing data/stdlib (the stdlib BPE corpus, about 20 s)", file=sys.stderr)
-        prepare("stdlib", "data/stdlib")
+    prepare_lm_run(out, data, "lr-robustness")
     t0 = time.perf_counter()
     with tqdm(total=2 * len(lrs) * seeds * 2, desc="lr-robustness", unit="run", file=sys.stderr,
               dynamic_ncols=True) as bar:

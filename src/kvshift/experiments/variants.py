@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from .common import prepare_lm_run
+
 __all__ = ["run_ablations", "run_relatives", "run_scaling", "extra_flops_per_token", "ABLATIONS", "RELATIVES"]
 
 ABLATIONS = ["vanilla", "kv", "k", "v", "qkv", "kv-gate", "kv-clamp", "kv-w3"]
@@ -245,16 +247,6 @@ def plot_variants(summary: list[dict], runs: list[dict], path: Path, title: str)
     save_figure(fig, path)
 
 
-def _prepare(out: Path, data: str | None) -> None:
-    if (out / "runs").exists() and any((out / "runs").iterdir()):
-        raise FileExistsError(f"{out} already holds runs; choose another out folder or remove {out / 'runs'}")
-    if data is None and not (Path("data/stdlib") / "meta.json").exists():  # what the LM workload reads
-        from ..data.shards import prepare
-
-        print("preparing data/stdlib (the stdlib BPE corpus, about 20 s)", file=sys.stderr)
-        prepare("stdlib", "data/stdlib")
-
-
 def _train_tokens(data: str | None) -> int | None:
     """Training tokens of the LM workload's prepared corpus (None when unknown)."""
     import json
@@ -292,7 +284,7 @@ def run_variant_experiment(name: str, variants: list[str], *, quick: bool, seeds
     for v in variants:
         _variant(v)
     out = Path(out_dir)
-    _prepare(out, data)
+    prepare_lm_run(out, data, name)
     task, run, eval_batch = _toy_setup(quick, steps)
     t0 = time.perf_counter()
     runs = []
@@ -423,7 +415,7 @@ def run_scaling(quick: bool = True, seeds: int = 3, out_dir: str | Path = "resul
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     out = Path(out_dir)
-    _prepare(out, data)
+    prepare_lm_run(out, data, "scaling")
     plan = scaling_plan(quick)
     if steps is not None:  # smoke tests: every size gets `steps` steps (no longer a fixed ratio)
         plan = {w: [{**p, "steps": steps, "tokens": steps * p["tokens"] // p["steps"]} for p in ps]
