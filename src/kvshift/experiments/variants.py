@@ -422,7 +422,7 @@ def run_scaling(quick: bool = True, seeds: int = 3, out_dir: str | Path = "resul
                 for w, ps in plan.items()}
     corpus = _train_tokens(data)
     for p in plan["lm"]:  # honest about repeats: a size that needs more tokens than the corpus has
-        p["epochs"] = round(p["tokens"] / corpus, 2) if corpus else None
+        p["epochs"] = float(f"{p['tokens'] / corpus:.3g}") if corpus else None
         if corpus and p["tokens"] > corpus:
             print(f"scaling: {p['size']} trains on {p['tokens']:,} tokens, {p['epochs']}x the corpus "
                   f"({corpus:,} tokens); pass a bigger `kvshift data prepare` folder with --data", file=sys.stderr)
