@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["compare", "paired_stats", "ARM_VANILLA"]
+__all__ = ["compare", "paired_stats", "paired_by_seed", "ARM_VANILLA"]
 
 ARM_VANILLA = "vanilla"
 
@@ -38,6 +38,20 @@ def paired_stats(a: list[float], b: list[float]) -> dict:
     p_perm = (sum(abs(s) >= abs(sum(d)) - 1e-12 for s in flips) / len(flips)) if flips else None
     return {"mean_diff": mean, "std_diff": std, "n": n, "p_value_t": p_t, "p_value_permutation": p_perm,
             "kvshift_better_in": sum(x < 0 for x in d)}
+
+
+def paired_by_seed(a: dict, b: dict, lower_is_better: bool) -> dict:
+    """:func:`paired_stats` of ``b - a`` over the seeds where both runs have a metric (``{seed: run}``
+    dicts whose runs carry ``"metric"``): ``diff``, ``diff_std``, ``pairs``, ``p_t``, ``p_signflip`` and
+    ``better_in`` (seeds where ``b`` beat ``a``); empty when no seed pairs up."""
+    seeds = [s for s in a if s in b and a[s]["metric"] is not None and b[s]["metric"] is not None]
+    if not seeds:
+        return {}
+    st = paired_stats([a[s]["metric"] for s in seeds], [b[s]["metric"] for s in seeds])
+    sign = 1 if lower_is_better else -1  # "better" is a lower loss or a higher accuracy
+    return {"diff": st["mean_diff"], "diff_std": st["std_diff"], "pairs": st["n"], "p_t": st["p_value_t"],
+            "p_signflip": st["p_value_permutation"],
+            "better_in": sum(sign * (b[s]["metric"] - a[s]["metric"]) < 0 for s in seeds)}
 
 
 def _val_curve(run_dir: Path) -> list[tuple[int, float]]:

@@ -91,7 +91,7 @@ def _toy_runs(lrs, seeds, quick: bool, steps: int | None, bar) -> list[dict]:
 
 def _summarise(rows: list[dict], workload: str, lower_is_better: bool) -> list[dict]:
     from ..report import mean_std
-    from .compare import paired_stats
+    from .compare import paired_by_seed
 
     out = []
     for lr in sorted({r["lr"] for r in rows if r["workload"] == workload}):
@@ -104,17 +104,12 @@ def _summarise(rows: list[dict], workload: str, lower_is_better: bool) -> list[d
             row = {"workload": workload, "lr": lr, "model": arm, "seeds": len(runs),
                    "diverged": sum(r["diverged"] for r in runs), "nonfinite": sum(r["nonfinite"] for r in runs),
                    "mean": mean, "std": std}
-            if arm == "kvshift":
-                both = [s for s in by_arm["vanilla"] if s in by_arm["kvshift"]
-                        and not by_arm["vanilla"][s]["diverged"] and not by_arm["kvshift"][s]["diverged"]]
-                if both:
-                    st = paired_stats([by_arm["vanilla"][s]["metric"] for s in both],
-                                      [by_arm["kvshift"][s]["metric"] for s in both])
-                    sign = 1 if lower_is_better else -1  # "KV better" counts lower loss / higher accuracy
-                    row.update({"paired_diff": st["mean_diff"], "paired_std": st["std_diff"], "pairs": st["n"],
-                                "p_t": st["p_value_t"], "p_signflip": st["p_value_permutation"],
-                                "kv_better_in": sum(sign * (by_arm["kvshift"][s]["metric"] -
-                                                            by_arm["vanilla"][s]["metric"]) < 0 for s in both)})
+            if arm == "kvshift":  # seeds where neither arm diverged
+                kept = {a: {s: r for s, r in by_arm[a].items() if not r["diverged"]} for a, _ in ARMS}
+                st = paired_by_seed(kept["vanilla"], kept["kvshift"], lower_is_better)
+                if st:
+                    row.update({"paired_diff": st["diff"], "paired_std": st["diff_std"], "pairs": st["pairs"],
+                                "p_t": st["p_t"], "p_signflip": st["p_signflip"], "kv_better_in": st["better_in"]})
             out.append(row)
     return out
 

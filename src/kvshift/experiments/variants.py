@@ -137,23 +137,11 @@ def _toy_run(variant: str, seed: int, task, run, eval_batch, layers: int = 1, hi
             "extra_flops_per_token": extra_flops_per_token(model.config), "seconds": res["seconds"]}
 
 
-def _paired(rows_a: dict, rows_b: dict, lower_is_better: bool) -> dict:
-    from .compare import paired_stats
-
-    seeds = [s for s in rows_a if s in rows_b and rows_a[s]["metric"] is not None and rows_b[s]["metric"] is not None]
-    if not seeds:
-        return {}
-    st = paired_stats([rows_a[s]["metric"] for s in seeds], [rows_b[s]["metric"] for s in seeds])
-    sign = 1 if lower_is_better else -1
-    return {"diff": st["mean_diff"], "diff_std": st["std_diff"], "pairs": st["n"], "p_t": st["p_value_t"],
-            "p_signflip": st["p_value_permutation"],
-            "better_in": sum(sign * (rows_b[s]["metric"] - rows_a[s]["metric"]) < 0 for s in seeds)}
-
-
 def summarise(runs: list[dict], group: str = "variant") -> list[dict]:
     """One row per (workload, ``group``): mean +- std over seeds and the paired differences against vanilla
     and against the paper's KV shift (``kv``) of the same workload (and size, for scaling)."""
     from ..report import mean_std
+    from .compare import paired_by_seed
 
     out = []
     keys = []
@@ -182,7 +170,7 @@ def summarise(runs: list[dict], group: str = "variant") -> list[dict]:
         lower = workload == "lm"
         for ref, prefix in (("vanilla", "vs_vanilla"), ("kv", "vs_kv")):
             if name != ref and by_seed(ref):
-                row.update({f"{prefix}_{k}": v for k, v in _paired(by_seed(ref), mine, lower).items()})
+                row.update({f"{prefix}_{k}": v for k, v in paired_by_seed(by_seed(ref), mine, lower).items()})
         out.append(row)
     return out
 
