@@ -7,7 +7,7 @@ import torch
 
 from kvshift import KVShiftConfig, KVShiftForCausalLM
 
-__all__ = ["tiny_config", "tiny_model", "interpret_triton_kernels"]
+__all__ = ["tiny_config", "tiny_model", "interpret_triton_kernels", "left_pad"]
 
 
 def interpret_triton_kernels(*modules) -> None:
@@ -49,3 +49,15 @@ def tiny_model(seed: int = 0, randomize_shift: bool = True, **overrides) -> KVSh
                     attn.k_shift.copy_(torch.randn_like(attn.k_shift))
                     attn.v_shift.copy_(torch.randn_like(attn.v_shift))
     return model
+
+
+def left_pad(seqs: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask)`` ``[len(seqs), longest]`` with every sequence right-aligned after ``pad``
+    tokens (a non-zero ``pad`` is a real token id, whose projections are not zero)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = s
+        mask[i, T - len(s):] = 1
+    return ids, mask

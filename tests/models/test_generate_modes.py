@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from builders import tiny_model
+from builders import left_pad, tiny_model
 from transformers import CompileConfig
 
 import kvshift.models.cache as kv_cache
@@ -14,16 +14,6 @@ import kvshift.models.cache as kv_cache
 TOL = 1e-4
 GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 CONFIGS = {"mha": dict(num_key_value_heads=4), "gqa": dict(num_key_value_heads=2)}
-
-
-def left_pad(seqs: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = s
-        mask[i, T - len(s):] = 1
-    return ids, mask
 
 
 def recompute_greedy(model, ids, n, mask=None):

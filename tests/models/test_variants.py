@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import tiny_config, tiny_model
+from builders import left_pad, tiny_config, tiny_model
 from transformers import DynamicCache
 
 from kvshift import KVShiftConfig, KVShiftForCausalLM
@@ -95,10 +95,7 @@ def test_left_padded_batch_equals_unpadded(name):
     lens = (9, 1, 2, 5)
     T = max(lens) + 4
     seqs = [torch.randint(3, 97, (n + 4,)) for n in lens]
-    ids = torch.full((len(lens), T), 7, dtype=torch.long)  # a real token id: its projections are not zero
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):], mask[i, T - len(s):] = s, 1
+    ids, mask = left_pad(seqs, pad=7)  # a real token id: its projections are not zero
     cache = DynamicCache(config=m.config)
     with torch.no_grad():
         pre = m(ids[:, :-4], attention_mask=mask[:, :-4], cache=cache, use_cache=True).logits
@@ -338,11 +335,7 @@ def test_attention_maps_of_the_analysis_equal_the_models(name):
 def test_static_cache_and_sampling_equal_recompute(name):
     m = variant_model(name)
     seqs = [torch.randint(3, 97, (n,)) for n in (7, 2)]
-    T = 7
-    ids = torch.full((2, T), 9, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):], mask[i, T - len(s):] = s, 1
+    ids, mask = left_pad(seqs, pad=9)
     kw = dict(attention_mask=mask, max_new_tokens=6, **GREEDY)
     ref = m.generate(ids, use_cache=False, **kw)
     assert torch.equal(m.generate(ids, cache_implementation="static", **kw), ref)
