@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from kvshift.data import TokenDataset, prepare
@@ -109,3 +110,27 @@ def test_deprecated_val_batches_becomes_a_sample_from_every_document():
     assert cfg.validation_budget() == 2 * 4 * 32
     with pytest.raises(ValueError, match="data.val_tokens"):
         apply_overrides(get_recipe("tiny"), ["data.val_tokens=-1"])
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_equal_counts_gives_every_rank_as_many_batches_and_scores_the_same(val, world_size):
+    rows = validation_rows(val, SEQ)
+    # a batch size that leaves the batches uneven: without fillers the ranks run different numbers of forwards
+    bs = next(b for b in range(3, 12) if len(list(validation_batches(val, b, rows))) % world_size)
+    single = list(validation_batches(val, bs, rows))
+    plain = [list(validation_batches(val, bs, rows, rank=r, world_size=world_size)) for r in range(world_size)]
+    assert len({len(b) for b in plain}) > 1
+    even = [list(validation_batches(val, bs, rows, rank=r, world_size=world_size, equal_counts=True))
+            for r in range(world_size)]
+    assert len({len(b) for b in even}) == 1 and len(even[0]) == -(-len(single) // world_size)
+    for real, padded in zip(plain, even):  # a rank's own batches first, unchanged, then fillers scoring nothing
+        for a, b in zip(real, padded):
+            assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+        assert all(bool((f["labels"] == -100).all()) for f in padded[len(real):])
+    labelled = sum(int((b["labels"] != -100).sum()) for rank in even for b in rank)
+    assert labelled == sum(int((b["labels"] != -100).sum()) for b in single)
+
+
+def test_validation_batches_rejects_a_rank_outside_the_world(val):
+    with pytest.raises(ValueError, match="rank"):
+        list(validation_batches(val, 4, validation_rows(val, SEQ), rank=2, world_size=2))

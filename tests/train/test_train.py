@@ -183,6 +183,21 @@ def test_cli_train_and_print_config(tmp_path):
     assert main(["train", "--recipe", "tiny", "--set", "nope=1"]) == 2
 
 
+def _run_bounded(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a torchrun launch; past ``timeout`` kill its whole process group (the launcher *and* its workers,
+    which a hung collective would otherwise leave behind) and fail the test saying so."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[3:])} did not finish in {timeout} s (hung?); stderr tail:\n{err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _torchrun(tmp_path: Path, strategy: str, nproc: int, batch: int, name: str) -> list[float]:
     out = tmp_path / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
@@ -191,8 +206,7 @@ def _torchrun(tmp_path: Path, strategy: str, nproc: int, batch: int, name: str) 
            "--set", "steps=4", "--set", "progress=false", "--set", "tensorboard=false",
            "--set", "model.hidden_size=32", "--set", "model.intermediate_size=64", "--set", "data.seq_len=32",
            "--set", "data.byte_files=8", "--set", "threads=1", "--set", "log_every=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = _run_bounded(cmd, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)  # one summary (rank 0 only), not one per rank glued together
     assert summary["steps"] == 4
@@ -207,6 +221,26 @@ def test_two_process_matches_one_process(tmp_path, strategy):
     double = _torchrun(tmp_path, strategy, 2, 4, f"double-{strategy}")
     assert len(single) == len(double) == 4
     assert max(abs(a - b) for a, b in zip(single, double)) < 1e-4  # same global batch, fp32 reduction order
+
+
+def test_tiny_recipe_on_two_processes_finishes_under_ddp_and_fsdp(tmp_path):
+    """The README's torchrun command, unchanged but for --out. Its validation split gives the two ranks
+    different numbers of batches; FSDP gathers parameters in every forward, so without filler batches the
+    rank with fewer waits for ever (it hung at step 10 of 20). Both strategies must finish and agree."""
+    summaries = {}
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / strategy
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(29900 + len(strategy)), "-m", "kvshift", "train", "--recipe", "tiny",
+               "--set", f"distributed.strategy={strategy}", "--out", str(out)]
+        proc = _run_bounded(cmd, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summaries[strategy] = json.loads(proc.stdout)
+        assert summaries[strategy]["steps"] == 20 and (out / "final" / "model.safetensors").exists()
+    ddp, fsdp = summaries["ddp"], summaries["fsdp"]
+    assert ddp["val_tokens"] == fsdp["val_tokens"] > 0  # fillers score nothing: the same targets counted
+    assert abs(ddp["val_loss"] - fsdp["val_loss"]) < 1e-5
+    assert abs(ddp["final_loss"] - fsdp["final_loss"]) < 1e-5
 
 
 def test_compare_tiny_writes_stats_and_plot(tmp_path):

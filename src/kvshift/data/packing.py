@@ -356,21 +356,32 @@ def validation_rows(dataset: TokenDataset, seq_len: int, max_tokens: int = 0, *,
 
 
 def validation_batches(dataset: TokenDataset, batch_size: int, rows: list[tuple[int, int]], *,
-                       rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+                       rank: int = 0, world_size: int = 1, equal_counts: bool = False) -> Iterator[Batch]:
     """Batches of ``rows`` (from :func:`validation_rows`); rows of equal length are batched together, and
-    rank ``r`` of ``world_size`` takes every ``world_size``-th batch."""
+    rank ``r`` of ``world_size`` takes every ``world_size``-th batch.
+
+    ``equal_counts=True`` gives every rank the same number of batches: a rank left short gets filler
+    batches (a copy of the first batch with every label ``-100``, so it scores nothing). Sharded models
+    (FSDP) need it: every forward pass gathers parameters collectively, so a rank that runs one forward
+    fewer than the others leaves them waiting for ever.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
     by_len: dict[int, list[int]] = {}
     for start, length in rows:
         by_len.setdefault(length, []).append(start)
-    index = 0
-    for length in sorted(by_len, reverse=True):
-        group = by_len[length]
-        for i in range(0, len(group), batch_size):
-            if index % world_size == rank:
-                yield build_rows(dataset, group[i:i + batch_size], length)
-            index += 1
+    groups = [(length, by_len[length][i:i + batch_size])
+              for length in sorted(by_len, reverse=True) for i in range(0, len(by_len[length]), batch_size)]
+    mine = groups[rank::world_size]
+    for length, starts in mine:
+        yield build_rows(dataset, starts, length)
+    if equal_counts and groups:
+        for _ in range(-(-len(groups) // world_size) - len(mine)):
+            filler = build_rows(dataset, groups[0][1], groups[0][0])
+            filler["labels"] = torch.full_like(filler["labels"], -100)
+            yield filler
 
 
 def documents_covered(dataset: TokenDataset, rows: list[tuple[int, int]]) -> list[int]:

@@ -168,8 +168,11 @@ def evaluate(model, dataset, cfg: TrainConfig, info: DistInfo, autocast, final: 
     byte_len = torch.from_numpy(byte_len) if byte_len is not None else None
     model.eval()
     total = torch.zeros(3, dtype=torch.float64, device=info.device)  # nats, targets, bytes
-    for batch in validation_batches(dataset, cfg.data.val_batch_size, val_set["rows"],
-                                    rank=info.rank, world_size=info.world_size):
+    # FSDP gathers parameters collectively in every forward: every rank must run as many (filler batches
+    # score nothing), or the ranks with more batches wait for ever
+    sharded = info.world_size > 1 and cfg.distributed.strategy == "fsdp"
+    for batch in validation_batches(dataset, cfg.data.val_batch_size, val_set["rows"], rank=info.rank,
+                                    world_size=info.world_size, equal_counts=sharded):
         nll, count = _nll_sum(model, batch, info.device, autocast)
         labels = batch["labels"]
         nbytes = float(byte_len[labels[labels != -100]].sum()) if byte_len is not None else 0.0
