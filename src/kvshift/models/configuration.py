@@ -111,6 +111,13 @@ class KVShiftConfig(PreTrainedConfig):
                      f"{mlp}.down_proj": "rowwise"})
         return plan
 
+    @base_model_tp_plan.setter
+    def base_model_tp_plan(self, plan: dict[str, str] | None) -> None:
+        # transformers < 5.20 (the serving env's) assigns the plan in __post_init__ to add a tied embedding's
+        # "embed_tokens" entry, which 5.20+ no longer has; the plan stays the one computed from the fields
+        # (storing the assignment would write it into config.json)
+        pass
+
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008

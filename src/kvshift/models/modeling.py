@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
@@ -24,6 +26,12 @@ from ..layers.smear import TokenSmear
 from ..ops.kv_shift.checks import validate_cu_seqlens
 from .cache import kv_shift_layer_state
 from .configuration import KVShiftConfig
+
+# transformers 5.20 renamed the mask builders' `past_key_values` argument to `cache`; vLLM 0.32 (the serving
+# extra) pins transformers < 5.20, so the name is read off the signature once
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+# ... and the output classes' `past_key_values` field to `cache`
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 __all__ = ["KVShiftPreTrainedModel", "KVShiftModel", "KVShiftForCausalLM", "KVShiftForSequenceClassification",
            "KVShiftForTokenClassification", "KVShiftForQuestionAnswering", "position_ids_from_cu_seqlens"]
@@ -189,7 +197,7 @@ class KVShiftModel(KVShiftPreTrainedModel):
         # packing itself and remap the indices handed to mask functions to per-document positions, which is
         # how packed training once attended across documents (and it cannot see documents after a cache).
         mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           cache=cache, position_ids=None)
+                           position_ids=None, **{_MASK_CACHE_ARG: cache})
         if getattr(cache, "is_compileable", False):
             # A static cache returns max_cache_len keys: never rely on SDPA's is_causal (it needs T == S)
             mask_kwargs["allow_is_causal_skip"] = False
@@ -214,7 +222,7 @@ class KVShiftModel(KVShiftPreTrainedModel):
             hidden = layer(hidden, position_embeddings, causal_mask, cache, pad_mask, reset_mask, state,
                            **backend_kwargs)
         hidden = self.norm(hidden)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{_OUTPUT_CACHE_FIELD: cache if use_cache else None})
 
 
 class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
@@ -298,7 +306,7 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD)},
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 

@@ -1,0 +1,336 @@
+"""kvshift's causal LM as a vLLM model (out of tree; registered by :func:`kvshift.serving.vllm.register`).
+
+The K/V shift of a layer is a window-2 depthwise causal convolution over the layer's raw K and V rows,
+one (current, previous) weight pair per KV head, run before RoPE and before vLLM's ``Attention``. Like
+vLLM's short convolution (LFM2) it is a "mamba-like" layer with a per-request state: the raw K|V row of
+the last token a request has seen, kept in vLLM's state cache. So it holds across continuous batching
+(decodes and prefills of many requests in one flat batch), chunked prefill (a later chunk starts from the
+state the earlier one left) and preemption (a recomputed request starts from a zero state, like any
+sequence start).
+
+Supported: what the Hugging Face model computes for the paper's form of the shift (K and V, window 2,
+one weight pair per KV head, pre-RoPE) with any parametrization (``free`` / ``gate`` / ``clamp``, turned
+into effective weights once, at load), per-layer ``kv_shift`` lists, MHA and GQA, QK-norm, biases, tied
+embeddings and transformers' RoPE types that vLLM knows. Anything else is refused at load with the
+config field that vLLM cannot serve yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.config import CacheConfig, ModelConfig, VllmConfig, get_current_vllm_config
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.model_executor.layers.mamba.mamba_utils import (
+    MambaStateCopyFuncCalculator,
+    MambaStateDtypeCalculator,
+    MambaStateShapeCalculator,
+    is_conv_state_dim_first,
+)
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
+from vllm.model_executor.models.llama import LlamaMLP
+from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+
+__all__ = ["KVShiftForCausalLM", "KVShiftState", "check_servable"]
+
+SHIFT_WINDOW = 2  # tokens each shifted row sees: the current one and its predecessor
+
+
+def check_servable(config) -> None:
+    """Raise ``ValueError`` naming the config field when vLLM cannot serve this kvshift config."""
+    wants = {
+        "kv_shift_targets": ("kv", "the K/V shift of the paper"),
+        "kv_shift_window": (2, "a window of 2 tokens"),
+        "kv_shift_granularity": ("head", "one weight pair per KV head"),
+        "kv_shift_residual": (False, "no residual"),
+        "kv_shift_position": ("pre_rope", "the shift before RoPE"),
+        "token_smear": (False, "no token smear"),
+        "hidden_act": ("silu", "a SwiGLU MLP"),
+    }
+    for field, (value, what) in wants.items():
+        got = getattr(config, field, value)
+        if got != value:
+            raise ValueError(f"kvshift's vLLM model serves {what} ({field}={value!r}); this checkpoint has "
+                             f"{field}={got!r}. Serve it with Hugging Face (kvshift generate) instead.")
+    if getattr(config, "sliding_window", None) is not None:
+        raise ValueError(f"kvshift's vLLM model has no sliding window yet; this checkpoint has "
+                         f"sliding_window={config.sliding_window}")
+
+
+def _shift_layers(config) -> list[bool]:
+    """Which layers carry a shift state. vLLM sizes a hybrid model's state cache from at least one such
+    layer, so a checkpoint with the shift off everywhere gets an identity mixer (weights 1, 0: exactly
+    vanilla attention) in layer 0."""
+    flags = [bool(config.layer_has_kv_shift(i)) for i in range(config.num_hidden_layers)]
+    return flags if any(flags) else [True] + [False] * (len(flags) - 1)
+
+
+def _state_width(config) -> int:
+    return 2 * config.num_key_value_heads * config.head_dim  # the raw K row and the raw V row
+
+
+class KVShiftState(MambaBase):
+    """The window-2 shift of one layer's raw ``[tokens, K | V]`` rows, with the per-request state.
+
+    ``weight`` ``[2, K|V channels]`` holds the effective (current, previous) weight of every channel (a KV
+    head's pair repeated over its ``head_dim`` channels); the state of a request is its last raw row.
+    """
+
+    def __init__(self, width: int, model_config: ModelConfig | None, cache_config: CacheConfig | None,
+                 prefix: str) -> None:
+        super().__init__()
+        self.width = width
+        self.prefix = prefix
+        self.model_config, self.cache_config = model_config, cache_config
+        vllm_config = get_current_vllm_config()
+        self.num_spec = vllm_config.num_speculative_tokens
+        if self.num_spec:
+            raise ValueError("kvshift's vLLM model does not support speculative decoding yet "
+                             "(num_speculative_tokens must be 0)")
+        context = vllm_config.compilation_config.static_forward_context
+        if prefix in context:
+            raise ValueError(f"duplicate layer name: {prefix}")
+        context[prefix] = self  # vLLM finds the state layers (and binds their cache) through this table
+        self.kv_cache = (torch.tensor([]),)
+        self.register_buffer("weight", torch.zeros(2, width), persistent=False)
+
+    # -- what vLLM's state cache needs to know -------------------------------------------------------
+    def get_state_shape(self):
+        return MambaStateShapeCalculator.short_conv_state_shape(
+            tp_world_size=get_tensor_model_parallel_world_size(), intermediate_size=self.width,
+            conv_kernel=SHIFT_WINDOW, num_spec=self.num_spec)
+
+    def get_state_dtype(self):
+        return MambaStateDtypeCalculator.short_conv_state_dtype(self.model_config.dtype,
+                                                                self.cache_config.mamba_cache_dtype)
+
+    @property
+    def mamba_type(self) -> MambaAttentionBackendEnum:
+        return MambaAttentionBackendEnum.SHORT_CONV  # its metadata (state slots, prefill starts) is ours
+
+    # -- the shift ---------------------------------------------------------------------------------
+    def _states(self) -> torch.Tensor:
+        """``[slots, width]``: a view of the state cache (one raw row per slot)."""
+        state = self.kv_cache[0]
+        state = state if is_conv_state_dim_first() else state.transpose(-1, -2)  # [slots, width, 1]
+        return state[..., 0]
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """Shifted ``[tokens, width]`` rows. vLLM's flat batch holds the decode tokens first (one per
+        request), then the prefill tokens of each request in order; padding rows at the end are left
+        unshifted."""
+        w_cur, w_prev = self.weight[0].to(rows.dtype), self.weight[1].to(rows.dtype)
+        meta = get_forward_context().attn_metadata
+        meta = meta.get(self.prefix) if isinstance(meta, dict) else None
+        if meta is None:  # the profile run: no requests, no state
+            return rows * w_cur
+        states = self._states()
+        n_dec, n_pre = meta.num_decode_tokens, meta.num_prefill_tokens
+        n = n_dec + n_pre
+        prev = torch.zeros_like(rows[:n])
+        if n_dec:
+            slots_d = meta.state_indices_tensor_d[:n_dec, 0].long()
+            prev[:n_dec] = states[slots_d].to(rows.dtype)
+        if n_pre:
+            starts = meta.query_start_loc_p.long()  # [prefills + 1], offsets within the prefill tokens
+            slots_p = meta.state_indices_tensor_p.flatten().long()
+            lengths = starts[1:] - starts[:-1]
+            prev[n_dec + 1:n] = rows[n_dec:n - 1]  # within a request: the row before
+            carried = states[slots_p].to(rows.dtype)
+            carried = torch.where(meta.has_initial_states_p[:, None], carried, torch.zeros_like(carried))
+            live = lengths > 0  # a request may get no tokens in a step
+            prev[n_dec + starts[:-1][live]] = carried[live]  # a request's first row: its state (or zero)
+        out = rows.clone()
+        out[:n] = torch.addcmul(prev * w_prev, rows[:n], w_cur)  # the Hugging Face model's arithmetic
+        # the raw last row of every request is its next predecessor
+        if n_dec:
+            states[slots_d] = rows[:n_dec].to(states.dtype)
+        if n_pre:
+            states[slots_p[live]] = rows[n_dec + starts[1:][live] - 1].to(states.dtype)
+        return out
+
+
+class KVShiftAttention(nn.Module):
+    def __init__(self, config, layer_idx: int, shift: bool, vllm_config: VllmConfig, prefix: str) -> None:
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        if tp != 1:
+            raise ValueError(f"kvshift's vLLM model runs on one rank for now (tensor_parallel_size={tp}); "
+                             f"its per-KV-head shift weights are not sharded yet")
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        bias = bool(config.attention_bias or config.qkv_bias)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
+                                          bias=bias, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, bias=bool(config.attention_bias),
+                                        prefix=f"{prefix}.o_proj")
+        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.rotary_emb = get_rope(self.head_dim, max_position=config.max_position_embeddings,
+                                   rope_parameters=config.rope_parameters, is_neox_style=True)
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_kv_heads,
+                              cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn")
+        self.parametrization = config.kv_shift_parametrization
+        self.has_checkpoint_shift = bool(config.layer_has_kv_shift(layer_idx))
+        self.shift = (KVShiftState(2 * self.kv_size, vllm_config.model_config, vllm_config.cache_config,
+                                   prefix=f"{prefix}.kv_shift") if shift else None)
+        if self.has_checkpoint_shift:  # raw weights as saved, (current, previous) per KV head
+            self.k_shift = nn.Parameter(torch.zeros(self.num_kv_heads, SHIFT_WINDOW), requires_grad=False)
+            self.v_shift = nn.Parameter(torch.zeros(self.num_kv_heads, SHIFT_WINDOW), requires_grad=False)
+        elif self.shift is not None:  # the identity mixer of a model with the shift off everywhere
+            self.shift.weight[0].fill_(1.0)
+
+    def _effective(self, raw: torch.Tensor) -> torch.Tensor:
+        """``[Hkv, 2]`` effective (current, previous) weights: the Hugging Face layer's parametrization."""
+        raw = raw.float()
+        if self.parametrization == "gate":
+            cur = torch.sigmoid(raw[..., 0])
+            return torch.stack([cur, 1.0 - cur], dim=-1)
+        if self.parametrization == "clamp":
+            return raw.clamp(0.0, 1.0)
+        return raw
+
+    @torch.no_grad()
+    def finish_loading(self) -> None:
+        """Turn the loaded shift parameters into the per-channel (current, previous) rows of the mixer."""
+        if not self.has_checkpoint_shift:
+            return
+        cols = [self._effective(p).t().repeat_interleave(self.head_dim, dim=1) for p in (self.k_shift, self.v_shift)]
+        self.shift.weight.copy_(torch.cat(cols, dim=1))  # [2, K channels | V channels]
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        n = hidden_states.shape[0]
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, kv = qkv.split([self.q_size, 2 * self.kv_size], dim=-1)
+        if self.shift is not None:
+            kv = self.shift(kv.contiguous())
+        k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:  # kvshift's order: shift -> k-norm -> RoPE
+            q = self.q_norm(q.reshape(n, self.num_heads, self.head_dim)).reshape(n, self.q_size)
+            k = self.k_norm(k.reshape(n, self.num_kv_heads, self.head_dim)).reshape(n, self.kv_size)
+        q, k = self.rotary_emb(positions, q.contiguous(), k.contiguous())
+        out = self.attn(q, k, v.contiguous())
+        out, _ = self.o_proj(out)
+        return out
+
+
+class KVShiftDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, shift: bool, vllm_config: VllmConfig, prefix: str) -> None:
+        super().__init__()
+        self.self_attn = KVShiftAttention(config, layer_idx, shift, vllm_config, prefix=f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                            bias=bool(config.mlp_bias), prefix=f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden))
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class KVShiftModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        check_servable(config)
+        if not get_pp_group().is_first_rank or not get_pp_group().is_last_rank:
+            raise ValueError("kvshift's vLLM model does not support pipeline parallelism yet")
+        self.config = config
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            KVShiftDecoderLayer(config, i, shift, vllm_config, prefix=f"{prefix}.layers.{i}")
+            for i, shift in enumerate(_shift_layers(config)))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids, positions, inputs_embeds=None) -> torch.Tensor:
+        hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden)
+        return self.norm(hidden)
+
+
+# checkpoint name piece -> (vLLM parameter name piece, shard id)
+_STACKED = {".q_proj.": (".qkv_proj.", "q"), ".k_proj.": (".qkv_proj.", "k"), ".v_proj.": (".qkv_proj.", "v"),
+            ".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1)}
+
+
+class KVShiftForCausalLM(nn.Module, HasInnerState, IsHybrid):
+    """vLLM's view of :class:`kvshift.KVShiftForCausalLM`: the same weights, vLLM's paged attention and
+    state cache. Loaded from a kvshift checkpoint (``save_pretrained`` / ``kvshift train``'s ``final/``)."""
+
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig):
+        return MambaStateDtypeCalculator.short_conv_state_dtype(vllm_config.model_config.dtype,
+                                                                vllm_config.cache_config.mamba_cache_dtype)
+
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
+        return MambaStateShapeCalculator.short_conv_state_shape(
+            tp_world_size=vllm_config.parallel_config.tensor_parallel_size,
+            intermediate_size=_state_width(vllm_config.model_config.hf_config), conv_kernel=SHIFT_WINDOW)
+
+    @classmethod
+    def get_mamba_state_copy_func(cls):
+        return MambaStateCopyFuncCalculator.short_conv_state_copy_func()
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.model = KVShiftModel(vllm_config=vllm_config, prefix=f"{prefix}.model" if prefix else "model")
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                      prefix=f"{prefix}.lm_head" if prefix else "lm_head")
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs) -> torch.Tensor:
+        return self.model(input_ids, positions, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if self.config.tie_word_embeddings and name == "lm_head.weight":
+                continue  # the tied head is the embedding
+            shard = None
+            for piece, (new, shard_id) in _STACKED.items():
+                if piece in name:
+                    name, shard = name.replace(piece, new), shard_id
+                    break
+            if name not in params:
+                raise ValueError(f"checkpoint weight {name!r} has no place in kvshift's vLLM model (is this a "
+                                 f"kvshift checkpoint of a supported form?)")
+            param = params[name]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            loader(param, tensor) if shard is None else loader(param, tensor, shard)
+            loaded.add(name)
+        if self.config.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+        for layer in self.model.layers:
+            layer.self_attn.finish_loading()
+        return loaded
