@@ -43,7 +43,10 @@ def test_setup_installs_test_only_packages_only_with_test():
     for test_only in ("pytest", "triton", "lm-eval", "datasets", "hypothesis"):
         assert test_only not in core and test_only in " ".join(project["optional-dependencies"]["dev"]).lower()
     script = (README.parent / "scripts" / "setup.sh").read_text()
-    assert 'EXTRAS=""' in script and '--test|--dev) EXTRAS="[dev]"' in script and '-e ".${EXTRAS}"' in script
+    assert 'EXTRAS=""' in script and '[ "$TEST" = 1 ] && EXTRAS="dev"' in script
+    assert '-e ".${EXTRAS:+[$EXTRAS]}"' in script and 'EXTRAS="serve,test"' in script
+    assert "pytest" in " ".join(project["optional-dependencies"]["test"]).lower()
+    assert "vllm" not in core and "vllm" not in " ".join(project["optional-dependencies"]["dev"]).lower()
 
 
 def _training_commands() -> list[list[str]]:

@@ -80,7 +80,7 @@ def _state_width(config) -> int:
     return 2 * config.num_key_value_heads * config.head_dim  # the raw K row and the raw V row
 
 
-class KVShiftState(MambaBase):
+class KVShiftState(MambaBase, nn.Module):
     """The window-2 shift of one layer's raw ``[tokens, K | V]`` rows, with the per-request state.
 
     ``weight`` ``[2, K|V channels]`` holds the effective (current, previous) weight of every channel (a KV
