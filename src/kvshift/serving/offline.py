@@ -1,0 +1,136 @@
+"""Greedy decoding of one checkpoint with vLLM's offline engine and with Hugging Face ``generate``, token
+for token, plus the throughput benchmark behind ``kvshift bench vllm``.
+
+The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the scheduler can be watched:
+:func:`vllm_greedy` counts the preemptions and the most requests running at once, which is how the tests
+know that continuous batching, chunked prefill and preemption really happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["mixed_prompts", "hf_greedy", "vllm_greedy", "bench_vllm"]
+
+
+def mixed_prompts(n: int = 32, lengths: tuple[int, int] = (1, 45), vocab: tuple[int, int] = (1, 256),
+                  seed: int = 0) -> list[list[int]]:
+    """``n`` token-id prompts, lengths uniform in ``lengths`` (inclusive), ids uniform in ``vocab``
+    (half-open), from a seeded generator."""
+    lo, hi = lengths
+    if not 1 <= lo <= hi:
+        raise ValueError(f"lengths must satisfy 1 <= lo <= hi, got {lengths}")
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(vocab[0], vocab[1], (s,), generator=g).tolist() for s in sizes]
+
+
+def _load_hf(model_dir: str):
+    from ..models import KVShiftForCausalLM
+
+    return KVShiftForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def hf_greedy(model_dir: str, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 1,
+              model=None) -> tuple[list[list[int]], float]:
+    """Greedy continuations (exactly ``max_new_tokens`` each) from ``generate`` in fp32, and the seconds it
+    took. ``batch_size`` > 1 left-pads prompts into batches (the fast way to run HF ``generate``)."""
+    model = model if model is not None else _load_hf(model_dir)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    out: list[list[int]] = []
+    t0 = time.perf_counter()
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, pad_token_id=pad)
+        out += gen[:, width:].tolist()
+    return out, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _watch_scheduler(stats: dict):
+    """Count preemptions and the most requests running at once in vLLM's v1 scheduler."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    preempt, schedule = Scheduler._preempt_request, Scheduler.schedule
+
+    def counting_preempt(self, *args, **kwargs):
+        stats["preemptions"] += 1
+        return preempt(self, *args, **kwargs)
+
+    def watching_schedule(self, *args, **kwargs):
+        result = schedule(self, *args, **kwargs)
+        stats["max_running"] = max(stats["max_running"], len(self.running))
+        return result
+
+    Scheduler._preempt_request, Scheduler.schedule = counting_preempt, watching_schedule
+    try:
+        yield stats
+    finally:
+        Scheduler._preempt_request, Scheduler.schedule = preempt, schedule
+
+
+def vllm_greedy(model_dir: str, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                **engine_kwargs) -> tuple[list[list[int]], dict]:
+    """Greedy continuations from vLLM's offline engine (fp32, eager, no prefix caching), and stats:
+    ``preemptions``, ``max_running``, ``seconds`` (generation only) and ``load_seconds``.
+
+    ``engine_kwargs`` go to ``vllm.LLM`` (``max_num_seqs``, ``max_num_batched_tokens``,
+    ``enable_chunked_prefill``, ``num_gpu_blocks_override``, ``block_size``, ...)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler runs here, to be watched
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from ..models import KVShiftConfig
+
+    config = KVShiftConfig.from_pretrained(str(model_dir))
+    kwargs = dict(dtype="float32", max_model_len=config.max_position_embeddings, enforce_eager=True, seed=0,
+                  enable_prefix_caching=False, skip_tokenizer_init=True)
+    kwargs.update(engine_kwargs)
+    stats = {"preemptions": 0, "max_running": 0}
+    with _watch_scheduler(stats):
+        t0 = time.perf_counter()
+        llm = LLM(model=str(model_dir), **kwargs)
+        stats["load_seconds"] = time.perf_counter() - t0
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, min_tokens=max_new_tokens,
+                                ignore_eos=True, detokenize=False)
+        t0 = time.perf_counter()
+        results = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        stats["seconds"] = time.perf_counter() - t0
+    tokens = [list(r.outputs[0].token_ids) for r in results]
+    del llm
+    _shutdown()
+    return tokens, stats
+
+
+def _shutdown() -> None:
+    """Free the engine so another one can start in this process."""
+    gc.collect()
+    with contextlib.suppress(Exception):
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+
+
+def bench_vllm(model_dir: str, num_prompts: int = 32, max_new_tokens: int = 32, lengths: tuple[int, int] = (1, 45),
+               hf_batch_size: int = 8, max_num_seqs: int = 32) -> list[dict]:
+    """Tokens/s of vLLM's engine vs HF ``generate`` (left-padded batches of ``hf_batch_size``) on the same
+    greedy workload in this process, with the ratio and whether their tokens agree."""
+    prompts = mixed_prompts(num_prompts, lengths)
+    vllm_tokens, stats = vllm_greedy(model_dir, prompts, max_new_tokens, max_num_seqs=max_num_seqs)
+    hf_tokens, hf_seconds = hf_greedy(model_dir, prompts, max_new_tokens, batch_size=hf_batch_size)
+    new = num_prompts * max_new_tokens
+    return [{"bench": "vllm", "prompts": num_prompts, "new_tokens": new, "hf_batch": hf_batch_size,
+             "hf_tok_per_s": new / hf_seconds, "vllm_tok_per_s": new / stats["seconds"],
+             "vllm_over_hf": hf_seconds / stats["seconds"], "vllm_load_s": stats["load_seconds"],
+             "same_tokens": sum(a == b for a, b in zip(vllm_tokens, hf_tokens))}]
