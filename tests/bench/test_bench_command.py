@@ -47,3 +47,15 @@ def test_gpu_parts_need_a_gpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", "gpu-decode", "--no-save"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_vllm_outside_the_serving_env_says_how_to_get_it(capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: tests/serving covers the benchmark")
+    from kvshift.cli import main
+
+    assert main(["bench", "vllm", "--no-save"]) == 2
+    err = capsys.readouterr().err
+    assert "bash scripts/setup.sh --serve" in err and ".venv-serve/bin/kvshift bench vllm" in err

@@ -39,6 +39,37 @@ def test_reproduce_tiny_run_writes_all_files(tmp_path, name, capsys):
         assert payload["rows"][0]["seeds"] == 1
 
 
+def test_induction_default_gives_the_one_layer_pair_six_paired_seeds(tmp_path):
+    """Quick mode without --seeds: 6 seeds for vanilla-1L and kvshift-1L, 3 for the deeper baselines; seed s
+    is the same run as in an experiment where every model has that many seeds (rows stay paired)."""
+    from kvshift.experiments.toy import run_induction
+
+    payload = run_induction(quick=True, steps=2, out_dir=tmp_path / "default")
+    assert {r["model"]: r["seeds"] for r in payload["rows"]} == {
+        "vanilla-1L": 6, "vanilla-2L": 3, "vanilla-4L": 3, "kvshift-1L": 6}
+    runs = {(r["model"], r["seed"]): r["final"] for r in payload["runs"]}
+    assert sorted(s for m, s in runs if m == "kvshift-1L") == list(range(6))
+    assert sorted(s for m, s in runs if m == "vanilla-4L") == [0, 1, 2]
+    every = run_induction(quick=True, steps=2, seeds=6, out_dir=tmp_path / "six")
+    assert {r["seeds"] for r in every["rows"]} == {6}
+    same = {(r["model"], r["seed"]): r["final"] for r in every["runs"]}
+    assert all(same[key] == value for key, value in runs.items())
+    config = json.loads((tmp_path / "default" / "config.json").read_text())
+    assert config["model_seeds"] == {"vanilla-1L": 6, "kvshift-1L": 6}
+
+
+def test_model_seeds_must_name_trained_models(tmp_path):
+    from kvshift.experiments.runner import run_task_experiment
+    from kvshift.experiments.toy_train import ModelSpec, RunSpec
+    from kvshift.tasks.induction import InductionTask, induction_accuracy
+
+    task = InductionTask(vocab_size=32, seq_len=16, pool_size=8, reserved=3, seed=0)
+    with pytest.raises(ValueError, match="model_seeds"):
+        run_task_experiment("x", task, [ModelSpec("a", 1, True, 32, 2)], RunSpec(steps=1), induction_accuracy, "acc",
+                            seeds=1, lr_grid=[1e-3], out_dir=tmp_path, eval_size=8, config={},
+                            model_seeds={"b": 2})
+
+
 @pytest.mark.parametrize("name", ["theorem2", "theorem3"])
 def test_reproduce_theorems_write_all_files(tmp_path, name):
     assert main(["reproduce", name, "--seeds", "1", "--out", str(tmp_path)]) == 0
@@ -130,3 +161,22 @@ def test_lr_robustness_tiny_end_to_end(tmp_path):
     assert kv_small["pairs"] == 2 and "p_signflip" in kv_small
     assert len(payload["runs"]) == 2 * 2 * 2 * 2
     assert not list((out / "runs").rglob("model.safetensors"))  # weights are not kept
+
+
+def test_induction_results_explain_each_kv_seed(tmp_path):
+    """results.md / .json list, per seed of the 1-layer KV model, the initial draw (the run's own model before
+    training) and the outcome."""
+    from kvshift.experiments.toy import run_induction
+    from kvshift.experiments.toy_train import ModelSpec, build_model
+
+    payload = run_induction(quick=True, steps=2, seeds=2, out_dir=tmp_path)
+    rows = payload["analysis"]["kvshift-1L"]["seeds"]
+    assert [r["seed"] for r in rows] == [0, 1]
+    for r in rows:
+        m = build_model(ModelSpec("kvshift-1L", 1, True, 64, 2), 128, 64, r["seed"])
+        k, v = m.kv_shift_weights()[0]
+        want = [(float(k[h, 0]), float(v[h, 0])) for h in range(2)]
+        assert [x for pair in r["initial_alpha1_beta1"] for x in pair] == pytest.approx([x for p in want for x in p])
+        assert r["nearest_start"] == pytest.approx(min((a**2 + (1 - b) ** 2) ** 0.5 for a, b in want))
+    assert rows[0]["initial_alpha1_beta1"] != rows[1]["initial_alpha1_beta1"]
+    assert "## Seeds of kvshift-1L" in (tmp_path / "results.md").read_text()

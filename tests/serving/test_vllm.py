@@ -1,5 +1,5 @@
 """vLLM serving: greedy tokens from vLLM's engine equal Hugging Face ``generate`` exactly, under continuous
-batching, chunked prefill and preemption, for MHA and GQA checkpoints with the shift on, partly on and off;
+batching, chunked prefill, preemption and prefix caching, for MHA and GQA checkpoints with the shift on, partly on and off;
 ``vllm serve`` answers OpenAI completions; unsupported checkpoints are refused naming the field.
 
 Runs in the serving env only (``bash scripts/setup.sh --serve --test``; vLLM pins an older transformers).
@@ -110,6 +110,19 @@ def test_preemption_matches_hf(tmp_path):
     assert _mismatches(tokens, reference) == []
 
 
+def test_prefix_caching_matches_hf(tmp_path):
+    """Prompts sharing a 65-70-token prefix, one at a time: later ones start from cached blocks, and from
+    the shift state vLLM saved at that block boundary ('align' mode)."""
+    path = str(_save(tmp_path / "ck", **CASES["gqa-gate-qknorm-layer0"]))
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randint(1, 256, (70,), generator=g).tolist()
+    prompts = [shared[:70 - i] + torch.randint(1, 256, (1 + i % 5,), generator=g).tolist() for i in range(12)]
+    reference, _ = hf_greedy(path, prompts, 8)
+    tokens, stats = vllm_greedy(path, prompts, 8, enable_prefix_caching=True, block_size=16, max_num_seqs=1)
+    assert stats["prefix_cached_tokens"] >= 4 * 64  # later prompts started from cached 16-token blocks
+    assert _mismatches(tokens, reference) == []
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -202,3 +215,18 @@ def test_unsupported_head_dim_is_refused_at_load(tmp_path):
     path = _save(tmp_path / "ck", hidden_size=64, num_attention_heads=4, num_key_value_heads=4)  # head_dim 16
     with pytest.raises(Exception, match="head_dim=16"):
         vllm_greedy(str(path), [[1, 2, 3]], 2)
+
+
+def test_bench_vllm_command_writes_ratios(tmp_path, capsys):
+    from kvshift.cli import main
+
+    path = _save(tmp_path / "ck", **CASES["mha"])
+    out = tmp_path / "bench"
+    assert main(["bench", "vllm", "--model", str(path), "--prompts", "4", "--new-tokens", "4", "--out", str(out)]) == 0
+    payload = json.loads((out / "vllm-cpu.json").read_text())
+    rows = payload["results"]
+    assert [r["engine"].split(",")[0] for r in rows] == ["hf generate", "hf generate", "vllm LLM.generate"]
+    assert all(r["same_tokens_as_vllm"] == "4/4" and r["tok_per_s"] > 0 for r in rows)
+    assert rows[0]["vs_hf_batch1"] == 1.0 and payload["hardware"]["vllm"]
+    assert "| vllm LLM.generate" in capsys.readouterr().out
+    assert main(["bench", "vllm", "--model", str(tmp_path / "missing"), "--no-save"]) == 2

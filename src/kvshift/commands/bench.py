@@ -1,5 +1,6 @@
-"""`kvshift bench op|layer|model|decode|all|gpu|kernels`: ratios against vanilla attention in one run, tables +
-JSON; `kernels` compiles every Triton kernel specialisation for NVIDIA targets ahead of time (no GPU needed)."""
+"""`kvshift bench op|layer|model|decode|all|gpu|kernels|vllm`: ratios against vanilla attention in one run, tables
++ JSON; `kernels` compiles every Triton kernel specialisation for NVIDIA targets ahead of time (no GPU needed);
+`vllm` times vLLM serving against HF generate (in the serving env)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ..report import environment, markdown_table
 
 __all__ = ["add_arguments", "run", "run_benchmarks"]
 
-WHAT = ("op", "layer", "model", "decode", "all", "gpu", "gpu-op", "gpu-train", "gpu-decode", "kernels")
+WHAT = ("op", "layer", "model", "decode", "all", "gpu", "gpu-op", "gpu-train", "gpu-decode", "kernels", "vllm")
 # The GPU check in parts that each fit a short slot (<= 5 minutes on one H200, compilation included);
 # every part adds its benchmarks to the same all-cuda.{md,json} as soon as each one finishes.
 GPU_PARTS = {"gpu-op": ("op", "layer"), "gpu-train": ("model",), "gpu-decode": ("decode",),
@@ -24,7 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=WHAT,
                         help="which benchmark ('gpu': every benchmark at GPU shapes, or one part of it: gpu-op (op + "
                              "layer), gpu-train (training step), gpu-decode; 'kernels': compile every Triton kernel "
-                             "specialisation for sm_80 / sm_90 ahead of time, no GPU needed)")
+                             "specialisation for sm_80 / sm_90 ahead of time, no GPU needed; 'vllm': greedy tokens/s of vLLM vs "
+                             "HF generate on the same prompts, in the serving env .venv-serve)")
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="vllm: a kvshift checkpoint folder (default: a seeded random 4-layer d-256 model)")
+    parser.add_argument("--prompts", type=int, default=32, help="vllm: number of prompts, lengths 1-45 (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="vllm: greedy tokens per prompt (default: %(default)s)")
     parser.add_argument("--arch", type=int, action="append", default=None, metavar="SM",
                         help="kernels: target compute capability, e.g. 90 (repeatable; default: 80 and 90)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -106,9 +112,45 @@ def _kernels(args: argparse.Namespace) -> int:
     return 1 if over else 0
 
 
+def _vllm(args: argparse.Namespace) -> int:
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("kvshift bench vllm needs vLLM, which lives in its own environment: run "
+                         "`bash scripts/setup.sh --serve`, then `.venv-serve/bin/kvshift bench vllm`")
+    if args.prompts < 1 or args.new_tokens < 1:
+        raise ValueError(f"--prompts and --new-tokens must be >= 1, got {args.prompts} and {args.new_tokens}")
+    from ..serving.offline import bench_vllm, demo_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None:
+            model = demo_checkpoint(str(Path(tmp) / "demo"))
+        elif not (Path(model) / "config.json").is_file():
+            raise ValueError(f"--model {model!r} is not a checkpoint folder (no config.json)")
+        rows = bench_vllm(model, num_prompts=args.prompts, max_new_tokens=args.new_tokens)
+    import vllm
+
+    hw = {**environment(), "vllm": vllm.__version__}
+    load = rows[-1].pop("load_s")
+    label = args.model or "seeded random 4-layer d-256 kvshift model (bench default)"
+    text = "\n".join(["# kvshift bench vllm (cpu)", "", *[f"- {k}: {v}" for k, v in hw.items()],
+                      f"- model: {label}",
+                      f"- {args.prompts} prompts of 1-45 random byte ids, {args.new_tokens} greedy tokens each, fp32; "
+                      f"vLLM engine load (not timed above): {load:.1f} s", "", _table(rows)])
+    print(text)
+    if not args.no_save:
+        _save(Path(args.out), "vllm-cpu", text, {"bench": "vllm", "model": label, "hardware": hw, "load_seconds": load,
+                                                   "results": rows})
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.what == "kernels":
         return _kernels(args)
+    if args.what == "vllm":
+        return _vllm(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.what in GPU_PARTS:  # the GPU tests run from scripts/gpu_check.sh, not from here
         if not torch.cuda.is_available():

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="CPU-sized settings (default)")
     mode.add_argument("--full", dest="quick", action="store_false", help="paper-scale settings (for a GPU; default: off, --quick)")
     parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per model (default: each experiment's own: 3, lr-robustness 5)")
+                        help="seeds per model (default: each experiment's own: 3, lr-robustness 5; induction: 3, and 6 "
+                             "for its 1-layer pair vanilla-1L / kvshift-1L)")
     parser.add_argument("--out", default="results", help="output folder; each experiment writes OUT/<name>/ (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
                         help="override the training steps of the trained experiments (smoke tests; default: each experiment's own)")

@@ -14,7 +14,7 @@ from ..report import get_pyplot, mean_std, save_figure
 from .common import write_results
 from .toy_train import ModelSpec, RunSpec, steps_to_reach, train_on_task
 
-__all__ = ["run_task_experiment", "analysis_markdown", "plot_curves"]
+__all__ = ["run_task_experiment", "analysis_markdown", "plot_curves", "seed_table"]
 
 
 def _pick_lr(task, spec, run, metric, eval_batch, lr_grid, bar) -> tuple[float, dict]:
@@ -45,16 +45,25 @@ def run_task_experiment(
     notes: list[str] | None = None,
     extra_eval: Callable | None = None,
     figure: str | None = None,
+    model_seeds: dict[str, int] | None = None,
 ) -> dict:
     """Train every spec for ``seeds`` seeds and write results.json / results.md / config.json / curves.png.
 
     The LR of each model is picked from ``lr_grid`` on seed 0 (the selection run is that seed's result);
     seeds 1.. reuse the chosen LR. All models see the same data for the same seed. ``figure`` names the
-    paper figure the plot reproduces (its title says so).
+    paper figure the plot reproduces (its title says so). ``model_seeds`` gives some models (by name) another
+    number of seeds than ``seeds``; seed ``s`` is the same run whatever the count, so rows stay paired.
     """
+    model_seeds = dict(model_seeds or {})
+    unknown = sorted(set(model_seeds) - {spec.name for spec in specs})
+    if unknown:
+        raise ValueError(f"model_seeds names models that the experiment does not train: {unknown}")
+    if any(int(n) < 1 for n in model_seeds.values()):
+        raise ValueError(f"model_seeds must be >= 1 per model, got {model_seeds}")
     out = Path(out_dir)
     eval_batch = task.sample(eval_size, 987_654)  # held out: training batches use seeds 10_000+
-    total = sum(run.steps * (len(lr_grid) + seeds - 1) for _ in specs)
+    n_seeds = {spec.name: model_seeds.get(spec.name, seeds) for spec in specs}
+    total = sum(run.steps * (len(lr_grid) + n_seeds[spec.name] - 1) for spec in specs)
     rows, runs, analysis = [], [], {}
     with tqdm(total=total, desc=name, unit="step", file=sys.stderr, dynamic_ncols=True,
               mininterval=1.0) as bar:
@@ -62,12 +71,12 @@ def run_task_experiment(
             lr, first = _pick_lr(task, spec, run, metric, eval_batch, lr_grid, bar)
             results = [first] + [
                 train_on_task(task, spec, replace(run, lr=lr), metric, seed=s, eval_batch=eval_batch, progress=bar)
-                for s in range(1, seeds)
+                for s in range(1, n_seeds[spec.name])
             ]
             finals = [r["final"] for r in results]
             mean, std = mean_std(finals)
             row = {"model": spec.name, "layers": spec.layers, "kv_shift": spec.kv_shift, "metric": metric_name,
-                   "mean": mean, "std": std, "seeds": seeds, "lr": lr, "hidden_size": spec.hidden_size,
+                   "mean": mean, "std": std, "seeds": n_seeds[spec.name], "lr": lr, "hidden_size": spec.hidden_size,
                    "params": sum(p.numel() for p in first["model_obj"].parameters())}
             if threshold is not None:
                 reach = [steps_to_reach(r["curve"], threshold) for r in results]
@@ -80,6 +89,8 @@ def run_task_experiment(
             model = first["model_obj"]
             if spec.kv_shift:
                 analysis[spec.name] = {"shift": shift_table(model)}
+                if threshold is not None and spec.layers == 1 and all("0" in r["initial_shift_weights"] for r in results):
+                    analysis[spec.name]["seeds"] = seed_table(results, threshold)
             elif head_vocab is not None:
                 analysis[spec.name] = {"head_scores": head_scores(model, head_vocab[1], low=head_vocab[0])}
             for r in results:
@@ -102,6 +113,21 @@ def run_task_experiment(
     return payload
 
 
+def seed_table(results: list[dict], threshold: float) -> list[dict]:
+    """Per seed of a 1-layer KV-shifting model: each head's initial (key, value) current-token weights
+    (alpha1, beta1), the distance of the head that starts nearest the induction solution (alpha1, beta1) =
+    (0, 1) (key = previous token, value = current; paper Fig. 2), the final metric and the step it first
+    reached ``threshold``."""
+    rows = []
+    for r in results:
+        k, v = r["initial_shift_weights"]["0"]
+        starts = [(kh[0], vh[0]) for kh, vh in zip(k, v)]
+        rows.append({"seed": r["seed"], "initial_alpha1_beta1": starts,
+                     "nearest_start": min((a**2 + (1 - b) ** 2) ** 0.5 for a, b in starts),
+                     "final": r["final"], "steps_to_threshold": steps_to_reach(r["curve"], threshold)})
+    return rows
+
+
 def analysis_markdown(analysis: dict) -> str:
     """Learned-shift tables for KV runs, head scores for vanilla runs (seed 0 of each model)."""
     lines = []
@@ -119,6 +145,17 @@ def analysis_markdown(analysis: dict) -> str:
                       f"| key leans previous | {t['key_previous/value_current']} | {t['key_previous/value_previous']} |",
                       "", f"{s['off_convex_line']} of {s['num_heads']} heads left the alpha1+alpha2 = 1 "
                       f"(or beta) line by > 0.05; {s['with_negative_weight']} have a negative weight.", ""]
+        if "seeds" in a:
+            lines += [f"## Seeds of {model}: initial draw and outcome", "",
+                      "Initial (alpha1, beta1) per head; nearest start: the distance of the head starting nearest "
+                      "the induction solution (0, 1) (paper Fig. 2: heads near it learn induction fastest).", "",
+                      "| seed | initial (alpha1, beta1) per head | nearest start | final | step reaching 90% |",
+                      "|---|---|---|---|---|"]
+            for r in a["seeds"]:
+                heads = ", ".join(f"({x:.2f}, {y:.2f})" for x, y in r["initial_alpha1_beta1"])
+                step = r["steps_to_threshold"] if r["steps_to_threshold"] is not None else "not reached"
+                lines.append(f"| {r['seed']} | {heads} | {r['nearest_start']:.2f} | {r['final']:.3f} | {step} |")
+            lines.append("")
         if "head_scores" in a:
             lines += [f"## Head scores: {model} (seed 0)", "",
                       "| layer | head | previous-token score | induction score |", "|---|---|---|---|"]

@@ -101,6 +101,7 @@ def train_on_task(
     if run.threads:
         torch.set_num_threads(run.threads)
     model = build_model(spec, task.vocab_size, eval_batch["input_ids"].shape[1], seed)
+    initial = {str(i): [w[0].tolist(), w[1].tolist()] for i, w in model.kv_shift_weights().items()}
     model.train()
     # the language-model trainer's AdamW groups and schedule: linear warm-up, then constant; the
     # per-parameter loop implementation (PyTorch's CPU default), so the toy results are unchanged
@@ -139,6 +140,7 @@ def train_on_task(
         "final": curve[-1][1], "loss_curve": losses[:: max(1, len(losses) // 200)],
         "seconds": time.perf_counter() - t0, "diverged": not all(math.isfinite(v) for v in losses),
         "shift_weights": {str(i): [w[0].tolist(), w[1].tolist()] for i, w in model.kv_shift_weights().items()},
+        "initial_shift_weights": initial,  # {layer: [k [Hkv, 2], v [Hkv, 2]]}, (current, previous) per head
         "model_obj": model,
     }
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["mixed_prompts", "hf_greedy", "vllm_greedy", "bench_vllm"]
+__all__ = ["mixed_prompts", "hf_greedy", "vllm_greedy", "demo_checkpoint", "bench_vllm"]
 
 
 def mixed_prompts(n: int = 32, lengths: tuple[int, int] = (1, 45), vocab: tuple[int, int] = (1, 256),
@@ -59,10 +59,12 @@ def hf_greedy(model_dir: str, prompts: Sequence[Sequence[int]], max_new_tokens: 
 
 @contextlib.contextmanager
 def _watch_scheduler(stats: dict):
-    """Count preemptions and the most requests running at once in vLLM's v1 scheduler."""
+    """Count preemptions, the most requests running at once and the prompt tokens served from the prefix
+    cache (summed over the scheduler's cache lookups) in vLLM's v1 scheduler."""
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    preempt, schedule = Scheduler._preempt_request, Scheduler.schedule
+    preempt, schedule, lookup = Scheduler._preempt_request, Scheduler.schedule, KVCacheManager.get_computed_blocks
 
     def counting_preempt(self, *args, **kwargs):
         stats["preemptions"] += 1
@@ -73,17 +75,25 @@ def _watch_scheduler(stats: dict):
         stats["max_running"] = max(stats["max_running"], len(self.running))
         return result
 
+    def counting_lookup(self, request, *args, **kwargs):
+        found = lookup(self, request, *args, **kwargs)
+        stats["prefix_cached_tokens"] += int(found[1])
+        return found
+
     Scheduler._preempt_request, Scheduler.schedule = counting_preempt, watching_schedule
+    KVCacheManager.get_computed_blocks = counting_lookup
     try:
         yield stats
     finally:
         Scheduler._preempt_request, Scheduler.schedule = preempt, schedule
+        KVCacheManager.get_computed_blocks = lookup
 
 
 def vllm_greedy(model_dir: str, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 **engine_kwargs) -> tuple[list[list[int]], dict]:
     """Greedy continuations from vLLM's offline engine (fp32, eager, no prefix caching), and stats:
-    ``preemptions``, ``max_running``, ``seconds`` (generation only) and ``load_seconds``.
+    ``preemptions``, ``max_running``, ``prefix_cached_tokens``, ``seconds`` (generation only) and
+    ``load_seconds``.
 
     ``engine_kwargs`` go to ``vllm.LLM`` (``max_num_seqs``, ``max_num_batched_tokens``,
     ``enable_chunked_prefill``, ``num_gpu_blocks_override``, ``block_size``, ...)."""
@@ -97,7 +107,7 @@ def vllm_greedy(model_dir: str, prompts: Sequence[Sequence[int]], max_new_tokens
     kwargs = dict(dtype="float32", max_model_len=config.max_position_embeddings, enforce_eager=True, seed=0,
                   enable_prefix_caching=False, skip_tokenizer_init=True)
     kwargs.update(engine_kwargs)
-    stats = {"preemptions": 0, "max_running": 0}
+    stats = {"preemptions": 0, "max_running": 0, "prefix_cached_tokens": 0}
     with _watch_scheduler(stats):
         t0 = time.perf_counter()
         llm = LLM(model=str(model_dir), **kwargs)
@@ -122,15 +132,42 @@ def _shutdown() -> None:
         cleanup_dist_env_and_memory()
 
 
-def bench_vllm(model_dir: str, num_prompts: int = 32, max_new_tokens: int = 32, lengths: tuple[int, int] = (1, 45),
-               hf_batch_size: int = 8, max_num_seqs: int = 32) -> list[dict]:
-    """Tokens/s of vLLM's engine vs HF ``generate`` (left-padded batches of ``hf_batch_size``) on the same
-    greedy workload in this process, with the ratio and whether their tokens agree."""
+def demo_checkpoint(path: str, seed: int = 0) -> str:
+    """A seeded random kvshift checkpoint of a servable small shape (byte vocabulary, 4 layers, d 256, 4
+    heads of 64) with its tokenizer, for the benchmark when no model is given."""
+    from ..data.tokenizer import byte_tokenizer
+    from ..models import KVShiftConfig, KVShiftForCausalLM
+
+    torch.manual_seed(seed)
+    config = KVShiftConfig(vocab_size=257, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                           pad_token_id=256, bos_token_id=None, eos_token_id=256)
+    KVShiftForCausalLM(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def bench_vllm(model_dir: str, num_prompts: int = 32, max_new_tokens: int = 64, lengths: tuple[int, int] = (1, 45),
+               hf_batch_sizes: tuple[int, ...] = (1, 8), max_num_seqs: int = 32) -> list[dict]:
+    """Greedy generation of the same prompts by vLLM's engine (continuous batching, ``max_num_seqs``) and
+    by HF ``generate`` (one prompt at a time, and left-padded batches), in this process: new tokens per
+    second, each engine's speed over HF ``generate`` one prompt at a time, and how many prompts' tokens
+    equal vLLM's (HF's batch-1 tokens are the exactness reference; left padding may change fp32 sums)."""
     prompts = mixed_prompts(num_prompts, lengths)
     vllm_tokens, stats = vllm_greedy(model_dir, prompts, max_new_tokens, max_num_seqs=max_num_seqs)
-    hf_tokens, hf_seconds = hf_greedy(model_dir, prompts, max_new_tokens, batch_size=hf_batch_size)
     new = num_prompts * max_new_tokens
-    return [{"bench": "vllm", "prompts": num_prompts, "new_tokens": new, "hf_batch": hf_batch_size,
-             "hf_tok_per_s": new / hf_seconds, "vllm_tok_per_s": new / stats["seconds"],
-             "vllm_over_hf": hf_seconds / stats["seconds"], "vllm_load_s": stats["load_seconds"],
-             "same_tokens": sum(a == b for a, b in zip(vllm_tokens, hf_tokens))}]
+    rows = []
+    for b in hf_batch_sizes:
+        tokens, seconds = hf_greedy(model_dir, prompts, max_new_tokens, batch_size=b)
+        rows.append({"bench": "vllm", "engine": f"hf generate, batch {b}", "seconds": seconds,
+                     "tok_per_s": new / seconds,
+                     "same_tokens_as_vllm": f"{sum(a == c for a, c in zip(tokens, vllm_tokens))}/{num_prompts}"})
+    rows.append({"bench": "vllm", "engine": f"vllm LLM.generate, max_num_seqs {max_num_seqs}",
+                 "seconds": stats["seconds"], "tok_per_s": new / stats["seconds"],
+                 "same_tokens_as_vllm": f"{num_prompts}/{num_prompts}"})
+    base = rows[0]["tok_per_s"]
+    for r in rows:
+        r["vs_hf_batch1"] = r["tok_per_s"] / base
+        r.update(prompts=num_prompts, new_tokens_each=max_new_tokens)
+    rows[-1]["load_s"] = stats["load_seconds"]
+    return rows
