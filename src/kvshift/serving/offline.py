@@ -58,6 +58,21 @@ def hf_greedy(model_dir: str, prompts: Sequence[Sequence[int]], max_new_tokens: 
 
 
 @contextlib.contextmanager
+def _in_process_engine():
+    """Run vLLM's engine core in this process (so its scheduler can be watched), whatever the caller set."""
+    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    old = os.environ.get(key)
+    os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+@contextlib.contextmanager
 def _watch_scheduler(stats: dict):
     """Count preemptions, the most requests running at once and the prompt tokens served from the prefix
     cache (summed over the scheduler's cache lookups) in vLLM's v1 scheduler."""
@@ -97,7 +112,6 @@ def vllm_greedy(model_dir: str, prompts: Sequence[Sequence[int]], max_new_tokens
 
     ``engine_kwargs`` go to ``vllm.LLM`` (``max_num_seqs``, ``max_num_batched_tokens``,
     ``enable_chunked_prefill``, ``num_gpu_blocks_override``, ``block_size``, ...)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler runs here, to be watched
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -108,7 +122,7 @@ def vllm_greedy(model_dir: str, prompts: Sequence[Sequence[int]], max_new_tokens
                   enable_prefix_caching=False, skip_tokenizer_init=True)
     kwargs.update(engine_kwargs)
     stats = {"preemptions": 0, "max_running": 0, "prefix_cached_tokens": 0}
-    with _watch_scheduler(stats):
+    with _in_process_engine(), _watch_scheduler(stats):
         t0 = time.perf_counter()
         llm = LLM(model=str(model_dir), **kwargs)
         stats["load_seconds"] = time.perf_counter() - t0
