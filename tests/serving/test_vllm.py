@@ -230,3 +230,13 @@ def test_bench_vllm_command_writes_ratios(tmp_path, capsys):
     assert rows[0]["vs_hf_batch1"] == 1.0 and payload["hardware"]["vllm"]
     assert "| vllm LLM.generate" in capsys.readouterr().out
     assert main(["bench", "vllm", "--model", str(tmp_path / "missing"), "--no-save"]) == 2
+
+
+def test_bench_vllm_fits_prompts_to_a_short_context(tmp_path):
+    from kvshift.serving.offline import bench_vllm
+
+    path = str(_save(tmp_path / "ck", **{**CASES["mha"], "max_position_embeddings": 32}))
+    with pytest.raises(ValueError, match="--new-tokens 40"):
+        bench_vllm(path, num_prompts=2, max_new_tokens=40)
+    rows = bench_vllm(path, num_prompts=4, max_new_tokens=24, hf_batch_sizes=(1,))  # prompts of 1-8 tokens
+    assert rows[-1]["same_tokens_as_vllm"] == "4/4" and rows[0]["same_tokens_as_vllm"] == "4/4"

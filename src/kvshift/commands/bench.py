@@ -137,7 +137,7 @@ def _vllm(args: argparse.Namespace) -> int:
     label = args.model or "seeded random 4-layer d-256 kvshift model (bench default)"
     text = "\n".join(["# kvshift bench vllm (cpu)", "", *[f"- {k}: {v}" for k, v in hw.items()],
                       f"- model: {label}",
-                      f"- {args.prompts} prompts of 1-45 random byte ids, {args.new_tokens} greedy tokens each, fp32; "
+                      f"- {args.prompts} prompts of 1-45 random ids (fewer where the context is short), {args.new_tokens} greedy tokens each, fp32; "
                       f"vLLM engine load (not timed above): {load:.1f} s", "", _table(rows)])
     print(text)
     if not args.no_save:

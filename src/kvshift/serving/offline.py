@@ -167,7 +167,14 @@ def bench_vllm(model_dir: str, num_prompts: int = 32, max_new_tokens: int = 64, 
     by HF ``generate`` (one prompt at a time, and left-padded batches), in this process: new tokens per
     second, each engine's speed over HF ``generate`` one prompt at a time, and how many prompts' tokens
     equal vLLM's (HF's batch-1 tokens are the exactness reference; left padding may change fp32 sums)."""
-    prompts = mixed_prompts(num_prompts, lengths)
+    from ..models import KVShiftConfig
+
+    config = KVShiftConfig.from_pretrained(str(model_dir))
+    room = config.max_position_embeddings - max_new_tokens  # prompt + new tokens must fit the model
+    if room < lengths[0]:
+        raise ValueError(f"--new-tokens {max_new_tokens} leaves no room for a prompt in this model's "
+                         f"max_position_embeddings={config.max_position_embeddings}")
+    prompts = mixed_prompts(num_prompts, (lengths[0], min(lengths[1], room)), vocab=(1, min(256, config.vocab_size)))
     vllm_tokens, stats = vllm_greedy(model_dir, prompts, max_new_tokens, max_num_seqs=max_num_seqs)
     new = num_prompts * max_new_tokens
     rows = []
