@@ -187,7 +187,8 @@ def test_vllm_serve_answers_openai_completions(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("kv_shift_window", 3), ("kv_shift_position", "post_rope"),
-                                         ("kv_shift_targets", "k"), ("token_smear", True)])
+                                         ("kv_shift_targets", "k"), ("token_smear", True),
+                                         ("kv_shift_granularity", "channel"), ("kv_shift_residual", True)])
 def test_unservable_configs_are_refused_naming_the_field(field, value):
     from kvshift.models import KVShiftConfig
     from kvshift.serving.vllm_model import check_servable
