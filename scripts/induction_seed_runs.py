@@ -13,10 +13,11 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from kvshift.experiments.runner import seed_table
-from kvshift.experiments.toy_train import ModelSpec, RunSpec, train_on_task
+from kvshift.experiments.runner import EVAL_SEED, seed_table
+from kvshift.experiments.toy import induction_protocol
+from kvshift.experiments.toy_train import ModelSpec, train_on_task
 from kvshift.report import atomic_write_text, environment
-from kvshift.tasks.induction import InductionTask, induction_accuracy
+from kvshift.tasks.induction import induction_accuracy
 
 
 def main() -> None:
@@ -31,11 +32,11 @@ def main() -> None:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     if args.steps < 1 or any(s < 0 for s in seeds):
         parser.error("--steps must be >= 1 and --seeds >= 0")
-    # the quick protocol of kvshift reproduce induction (experiments/toy.py), with --steps steps
-    task = InductionTask(vocab_size=128, seq_len=64, pool_size=32, reserved=11, seed=0)
-    eval_batch = task.sample(1000, 987_654)
-    run = replace(RunSpec(steps=400, batch_size=32, warmup_steps=40, eval_every=20, lr=3e-3), steps=args.steps)
-    spec = ModelSpec("kvshift-1L", 1, True, 64, 2)
+    # the quick protocol of kvshift reproduce induction, with --steps steps
+    task, hidden, heads, lr_grid, run, eval_size = induction_protocol(quick=True)
+    eval_batch = task.sample(eval_size, EVAL_SEED)
+    run = replace(run, steps=args.steps, lr=lr_grid[0])
+    spec = ModelSpec("kvshift-1L", 1, True, hidden, heads)
     results = []
     for s in seeds:
         r = train_on_task(task, spec, run, induction_accuracy, seed=s, eval_batch=eval_batch)

@@ -14,7 +14,9 @@ from ..report import get_pyplot, mean_std, save_figure
 from .common import write_results
 from .toy_train import ModelSpec, RunSpec, steps_to_reach, train_on_task
 
-__all__ = ["run_task_experiment", "analysis_markdown", "plot_curves", "seed_table"]
+__all__ = ["EVAL_SEED", "run_task_experiment", "analysis_markdown", "plot_curves", "seed_table"]
+
+EVAL_SEED = 987_654  # the held-out evaluation batch's seed; training batches use seeds 10_000+
 
 
 def _pick_lr(task, spec, run, metric, eval_batch, lr_grid, bar) -> tuple[float, dict]:
@@ -61,7 +63,7 @@ def run_task_experiment(
     if any(int(n) < 1 for n in model_seeds.values()):
         raise ValueError(f"model_seeds must be >= 1 per model, got {model_seeds}")
     out = Path(out_dir)
-    eval_batch = task.sample(eval_size, 987_654)  # held out: training batches use seeds 10_000+
+    eval_batch = task.sample(eval_size, EVAL_SEED)
     n_seeds = {spec.name: model_seeds.get(spec.name, seeds) for spec in specs}
     total = sum(run.steps * (len(lr_grid) + n_seeds[spec.name] - 1) for spec in specs)
     rows, runs, analysis = [], [], {}

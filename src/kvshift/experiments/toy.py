@@ -48,6 +48,16 @@ def _config(name, quick, seeds, task, specs, run, lr_grid, extra=None):
 INDUCTION_PAIR_SEEDS = {"vanilla-1L": 6, "kvshift-1L": 6}
 
 
+def induction_protocol(quick: bool = True) -> tuple[InductionTask, int, int, list[float], RunSpec, int]:
+    """The Fig. 1a protocol: ``(task, hidden_size, num_heads, lr_grid, run, eval_size)``, quick or full."""
+    if quick:
+        task = InductionTask(vocab_size=128, seq_len=64, pool_size=32, reserved=11, seed=0)
+        return task, 64, 2, [3e-3], RunSpec(steps=400, batch_size=32, warmup_steps=40, eval_every=20), 1000
+    task = InductionTask(vocab_size=8000, seq_len=512, pool_size=512, reserved=11, seed=0)
+    return (task, 1024, 8, [1e-4, 2e-4, 5e-4], RunSpec(steps=5000, batch_size=64, warmup_steps=1000, eval_every=100),
+            1000)
+
+
 def run_induction(quick: bool = True, seeds: int | None = None, out_dir: str | Path = "results/induction",
                   steps: int | None = None) -> dict:
     """Fig. 1a: 1/2/4-layer vanilla vs 1-layer KV shifting on the toy induction task.
@@ -56,16 +66,7 @@ def run_induction(quick: bool = True, seeds: int | None = None, out_dir: str | P
     number: that many for every model."""
     model_seeds = INDUCTION_PAIR_SEEDS if (seeds is None and quick) else None
     seeds = 3 if seeds is None else seeds
-    if quick:
-        task = InductionTask(vocab_size=128, seq_len=64, pool_size=32, reserved=11, seed=0)
-        hidden, heads, lr_grid = 64, 2, [3e-3]
-        run = RunSpec(steps=400, batch_size=32, warmup_steps=40, eval_every=20)
-        eval_size = 1000
-    else:
-        task = InductionTask(vocab_size=8000, seq_len=512, pool_size=512, reserved=11, seed=0)
-        hidden, heads, lr_grid = 1024, 8, [1e-4, 2e-4, 5e-4]
-        run = RunSpec(steps=5000, batch_size=64, warmup_steps=1000, eval_every=100)
-        eval_size = 1000
+    task, hidden, heads, lr_grid, run, eval_size = induction_protocol(quick)
     specs = [ModelSpec("vanilla-1L", 1, False, hidden, heads), ModelSpec("vanilla-2L", 2, False, hidden, heads),
              ModelSpec("vanilla-4L", 4, False, hidden, heads), ModelSpec("kvshift-1L", 1, True, hidden, heads)]
     notes = ["metric: next-token accuracy at induction positions (right after a token that occurred before), "
