@@ -304,6 +304,14 @@ class KVShiftAttention(nn.Module):
             q = apply_rope(self.q_norm(q) if self.q_norm is not None else q, cos, sin).transpose(1, 2)
             k = self.k_norm(k) if self.k_norm is not None else k
             k, v = apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+        # One dtype for q, k and v, v's (the projection's: bf16 under autocast). RoPE with fp32 cos/sin
+        # promotes q and k to fp32 on some paths and not on others (the fused kernel returns x's dtype), which
+        # would give a cache whose keys change dtype between prefill and decode and fp32 queries to
+        # FlexAttention (slow or rejected on older torch)
+        if q.dtype != v.dtype:
+            q = q.to(v.dtype)
+        if k.dtype != v.dtype:
+            k = k.to(v.dtype)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         backend = attention_backend(getattr(self.config, "_attn_implementation", None))

