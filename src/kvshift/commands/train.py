@@ -1,4 +1,4 @@
-"""`kvshift train --recipe NAME [--data DIR] [--set a.b=value ...] [--out DIR] [--resume DIR]`."""
+"""`kvshift train --recipe NAME [--init-from CKPT] [--data DIR] [--set a.b=value ...] [--out DIR] [--resume DIR]`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, metavar="DIR",
                         help="prepared data folder (`kvshift data prepare`); sets data.source=prepared and "
                              "data.path=DIR (default: the recipe's)")
+    parser.add_argument("--init-from", default=None, metavar="PATH_OR_ID_OR_GGUF",
+                        help="start from a pretrained checkpoint: a kvshift model folder, a Llama / Qwen2 / Qwen3 / "
+                             "Mistral folder or hub id, or a .gguf file (converted on the fly; shift init identity). "
+                             "Sets model.init_from; the architecture is the checkpoint's (default: from scratch)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field by dotted path, e.g. --set optim.lr=1e-3 (repeatable; "
                              "default: none)")
@@ -62,7 +66,24 @@ def resolve_config(args: argparse.Namespace):
 
         check_local_path(args.data, "--data", must_exist=True)
         overrides = ["data.source=prepared", f"data.path={args.data}", *overrides]
-    return apply_overrides(cfg, overrides)
+    init_from = getattr(args, "init_from", None)
+    for item in overrides:  # --set model.init_from=X is --init-from X
+        key, _, value = item.partition("=")
+        if key.strip() == "model.init_from":
+            init_from = value.strip()
+    ckpt_config = None
+    if args.resume is None and (init_from or cfg.model.init_from):
+        from ..train.retrofit import checkpoint_config, init_from_checkpoint
+
+        ckpt_config = checkpoint_config(init_from or cfg.model.init_from)
+        init_from_checkpoint(cfg, init_from, config=ckpt_config)
+        overrides = [o for o in overrides if o.partition("=")[0].strip() != "model.init_from"]
+    cfg = apply_overrides(cfg, overrides)
+    if ckpt_config is not None:
+        from ..train.retrofit import check_model_fields
+
+        check_model_fields(cfg.model, ckpt_config)
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,10 @@ from .norm import RMSNorm
 
 __all__ = ["KVShiftAttention", "init_shift_weight", "init_conv_weight", "shift_generator", "is_shift_parameter"]
 
+KV_SHIFT_INITS = ("paper", "identity", "softmax", "near-identity")
+# "near-identity": current NEAR_IDENTITY_CURRENT, previous 1 - that; a retrofit start that already mixes in the
+# previous token a little, so the previous-token weights do not start at exactly 0
+NEAR_IDENTITY_CURRENT = 0.9
 SHIFT_PARAMETER_NAMES = ("q_shift", "k_shift", "v_shift", "smear_gate", "smear_lambda")
 
 
@@ -33,8 +37,10 @@ def init_shift_weight(num_heads: int, mode: str, parametrization: str = "free",
         cur = torch.rand(num_heads, generator=generator, device="cpu")
     elif mode == "softmax":  # Baichuan-M1: softmax of a normal draw, also a convex pair
         cur = torch.softmax(torch.randn(num_heads, 2, generator=generator, device="cpu"), dim=-1)[:, 0]
+    elif mode == "near-identity":
+        cur = torch.full((num_heads,), NEAR_IDENTITY_CURRENT, device="cpu")
     else:
-        raise ValueError(f"kv_shift_init must be 'paper', 'identity' or 'softmax', got {mode!r}")
+        raise ValueError(f"kv_shift_init must be one of {KV_SHIFT_INITS}, got {mode!r}")
     w = torch.stack([cur, 1.0 - cur], dim=-1)
     if parametrization == "gate":  # stored as a logit in column 0; column 1 is unused
         w = torch.stack([torch.logit(cur.clamp(1e-6, 1 - 1e-6)), torch.zeros_like(cur)], dim=-1)
@@ -57,8 +63,11 @@ def init_conv_weight(shape: tuple[int, ...], mode: str, parametrization: str = "
     zero.
     """
     W = shape[-1]
-    if mode not in ("paper", "identity", "softmax"):
-        raise ValueError(f"kv_shift_init must be 'paper', 'identity' or 'softmax', got {mode!r}")
+    if mode not in KV_SHIFT_INITS:
+        raise ValueError(f"kv_shift_init must be one of {KV_SHIFT_INITS}, got {mode!r}")
+    if mode == "near-identity" and not (len(shape) == 2 and W == 2 and not residual):
+        raise ValueError("kv_shift_init='near-identity' is defined for the paper's shift only (window 2, one "
+                         "weight pair per head, no residual)")
     if residual:
         if mode == "identity":
             return torch.zeros(shape)

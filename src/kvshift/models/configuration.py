@@ -8,11 +8,12 @@ from huggingface_hub.dataclasses import strict
 from transformers import GenerationConfig, PreTrainedConfig
 from transformers.utils import logging
 
+from ..layers.attention import KV_SHIFT_INITS, NEAR_IDENTITY_CURRENT  # the layer owns its inits
+
 logger = logging.get_logger(__name__)
 
-__all__ = ["KVShiftConfig", "KV_SHIFT_INITS", "KV_SHIFT_POSITIONS", "KV_SHIFT_TARGETS", "TOKEN_MIXING_VARIANTS"]
+__all__ = ["KVShiftConfig", "AUTO_MAP", "REMOTE_CODE_MODULE", "write_remote_code", "KV_SHIFT_INITS", "NEAR_IDENTITY_CURRENT", "KV_SHIFT_POSITIONS", "KV_SHIFT_TARGETS", "TOKEN_MIXING_VARIANTS"]
 
-KV_SHIFT_INITS = ("paper", "identity", "softmax")
 KV_SHIFT_POSITIONS = ("pre_rope", "post_rope")
 KV_SHIFT_PARAMETRIZATIONS = ("free", "gate", "clamp")
 KV_SHIFT_TARGETS = ("kv", "k", "v", "qkv")
@@ -43,6 +44,38 @@ TOKEN_MIXING_VARIANTS: dict[str, dict] = {
     "smear": {"kv_shift": False, "token_smear": True},
 }
 
+# Saved checkpoints carry an `auto_map` to a one-line module that imports kvshift's classes, so that
+# `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` works in any process where kvshift is
+# installed (plain transformers, the lm_eval CLI, a Hub download) and names kvshift where it is not.
+REMOTE_CODE_MODULE = "kvshift_auto"
+AUTO_MAP = {
+    auto: f"{REMOTE_CODE_MODULE}.{cls}" for auto, cls in [
+        ("AutoConfig", "KVShiftConfig"), ("AutoModel", "KVShiftModel"), ("AutoModelForCausalLM", "KVShiftForCausalLM"),
+        ("AutoModelForSequenceClassification", "KVShiftForSequenceClassification"),
+        ("AutoModelForTokenClassification", "KVShiftForTokenClassification"),
+        ("AutoModelForQuestionAnswering", "KVShiftForQuestionAnswering"),
+    ]
+}
+REMOTE_CODE = (
+    '"""kvshift\'s model classes for `trust_remote_code=True`. The model code is the kvshift package itself:\n'
+    'install it with `pip install kvshift` (https://pypi.org/project/kvshift)."""\n\n'
+    "from kvshift.models import (  # noqa: F401\n"
+    "    KVShiftConfig,\n    KVShiftForCausalLM,\n    KVShiftForQuestionAnswering,\n"
+    "    KVShiftForSequenceClassification,\n    KVShiftForTokenClassification,\n    KVShiftModel,\n)\n"
+)
+
+
+def write_remote_code(save_directory) -> None:
+    """Write the ``auto_map`` module beside a saved config (to a temporary name, then renamed)."""
+    import os
+    from pathlib import Path
+
+    path = Path(save_directory) / f"{REMOTE_CODE_MODULE}.py"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(REMOTE_CODE)
+    os.replace(tmp, path)
+
+
 # Keys that Hugging Face itself passes through a config's constructor (loading, BC, generation).
 _PASS_THROUGH_KEYS = {
     "torch_dtype", "name_or_path", "output_attentions", "attn_implementation", "experts_implementation",
@@ -62,7 +95,8 @@ class KVShiftConfig(PreTrainedConfig):
     - ``kv_shift_init``: ``"paper"`` (current weight ~ U(0, 1), previous = 1 - current, drawn
       independently for K and V of every KV head), ``"identity"`` (current 1, previous 0: the model
       computes exactly vanilla attention, used when converting checkpoints) or ``"softmax"``
-      (Baichuan-M1 style, softmax of a normal draw).
+      (Baichuan-M1 style, softmax of a normal draw) or ``"near-identity"`` (current 0.9, previous 0.1 for
+      every head: a retrofit start that already mixes in the previous token a little).
     - ``kv_shift_position``: ``"pre_rope"`` (the paper's order) or ``"post_rope"``.
     - ``kv_shift_parametrization``: ``"free"`` (paper), ``"gate"`` (current = sigmoid(a), previous =
       1 - current; for windows over 2 a softmax over the window) or ``"clamp"`` (each weight clamped to
@@ -170,6 +204,8 @@ class KVShiftConfig(PreTrainedConfig):
         if partial not in (None, 1, 1.0):
             raise ValueError(f"partial_rotary_factor={partial} is not supported (kvshift rotates every channel)")
         kwargs.pop("layer_types", None)
+        if kwargs.get("auto_map") == AUTO_MAP:  # our own auto_map (saved by save_pretrained): not kept in memory
+            kwargs.pop("auto_map")
         for key in ("pretraining_tp", "max_window_layers", "use_sliding_window"):
             kwargs.pop(key, None)
         if self.num_key_value_heads is None:
@@ -190,6 +226,23 @@ class KVShiftConfig(PreTrainedConfig):
             self.validate_rope()
         except (KeyError, ValueError, TypeError) as err:
             raise ValueError(f"rope_parameters {self.rope_parameters} are invalid: {err}") from err
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Save ``config.json`` with kvshift's ``auto_map`` and, beside it, the module it names (see
+        ``AUTO_MAP``): the folder then loads with ``trust_remote_code=True`` wherever kvshift is installed."""
+        import os
+
+        os.makedirs(save_directory, exist_ok=True)
+        write_remote_code(save_directory)  # before the config, so a Hub push uploads both
+        had = getattr(self, "auto_map", None)
+        self.auto_map = {**AUTO_MAP, **(had or {})}
+        try:
+            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        finally:
+            if had is None:
+                del self.auto_map
+            else:
+                self.auto_map = had
 
     def _check(self) -> None:
         def positive(name):

@@ -13,6 +13,7 @@ import copy
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,9 +21,11 @@ from torch import nn
 
 from ..layers.attention import init_shift_weight, is_shift_parameter
 from .configuration import KV_SHIFT_INITS, KVShiftConfig
+from .gguf import check_gguf, is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
 from .modeling import KVShiftForCausalLM
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "convert_checkpoint", "kvshift_config_from"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "convert_checkpoint", "kvshift_config_from", "random_init_warning",
+           "load_source_model"]
 
 # model_type -> architecture (the causal-LM class whose weights we know how to map)
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -40,6 +43,13 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
                    "chat_template.json")
+
+
+def random_init_warning(init: str) -> str:
+    """The one-line warning for a shift init that changes what a pretrained model computes."""
+    return (f"kv_shift_init={init!r} replaces the identity shift, so the model no longer computes what the "
+            "pretrained checkpoint computed (its loss rises until training recovers it); use 'identity' to "
+            "start from the checkpoint exactly")
 
 
 def _unsupported(name: str) -> ValueError:
@@ -150,6 +160,10 @@ def _load_source(source: str, dtype: torch.dtype | None):
 
     from ..paths import check_local_path, hub_errors, offline_if_unreachable
 
+    if is_gguf(source):  # a GGUF file: dequantised by transformers' GGUF loader (fp32 unless dtype)
+        check_gguf(source)
+        _check_architecture(load_gguf_config(source))
+        return load_gguf_model(source, dtype)
     local = check_local_path(source, "--from")  # a missing path-like source fails here, before any Hub lookup
     if local is not None:
         if not (local / "config.json").is_file():
@@ -165,6 +179,9 @@ def _load_source(source: str, dtype: torch.dtype | None):
     _check_architecture(config)
     with offline_if_unreachable(), hub_errors("--from", source):
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
+
+
+load_source_model = _load_source
 
 
 def _convert_model(source: nn.Module, init: str, dtype: torch.dtype | None, *, share: bool,
@@ -206,7 +223,8 @@ def _convert_model(source: nn.Module, init: str, dtype: torch.dtype | None, *, s
         if attn.use_kv_shift:
             for name in ("k_shift", "v_shift"):
                 w = init_shift_weight(attn.num_kv_heads, init, attn.parametrization, generator=generator)
-                setattr(attn, name, nn.Parameter(w.to(device=device, dtype=dtype)))
+                # fp32 whatever the model's dtype: a bf16 weight of 1 cannot take a step of 1e-4
+                setattr(attn, name, nn.Parameter(w.to(device=device, dtype=torch.float32)))
     rotary = model.model.rotary_emb
     inv_freq, _ = rotary.compute_inv_freq(device)
     rotary.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -250,6 +268,11 @@ def _write_tokenizer(source, tokenizer, dest: Path, vocab_size: int) -> None:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
         _check_tokenizer_vocab(tokenizer, vocab_size, "the given tokenizer")
         tokenizer.save_pretrained(dest)
+        return
+    if is_gguf(source):  # the tokenizer (and chat template) stored in the GGUF file
+        tok = load_gguf_tokenizer(source)
+        _check_tokenizer_vocab(tok, vocab_size, source)
+        tok.save_pretrained(dest)
         return
     local = _tokenizer_dir(source)
     if local is not None:
@@ -311,12 +334,14 @@ def convert_checkpoint(
     """Convert a Llama / Qwen2 / Qwen3 / Mistral causal LM to a :class:`KVShiftForCausalLM`.
 
     Args:
-        source: a local checkpoint directory or hub id (loaded with ``AutoModelForCausalLM``), or a
+        source: a local checkpoint directory, hub id or GGUF file (dequantised by transformers' GGUF
+            loader; needs ``pip install 'kvshift[gguf]'``), loaded with ``AutoModelForCausalLM``, or a
             ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM`` object (its weights are
             copied, never shared).
         out_dir: where to save the converted model (safetensors) and the source's tokenizer; written
             atomically. ``None``: only return the model.
-        init: ``"identity"`` (the converted model equals the source exactly), ``"paper"`` or ``"softmax"``.
+        init: ``"identity"`` (the converted model equals the source exactly), ``"near-identity"``,
+            ``"paper"`` or ``"softmax"`` (the last three change what the model computes: a warning says so).
         dtype: ``None`` (keep the source's), a ``torch.dtype`` or ``"float32"``/``"bfloat16"``/``"float16"``.
         tokenizer: a tokenizer object or path to save beside the model instead of the source's.
         seed: seed of the random shift weights (``init="paper"``/``"softmax"``).
@@ -329,6 +354,8 @@ def convert_checkpoint(
     """
     if init not in KV_SHIFT_INITS:
         raise ValueError(f"init must be one of {KV_SHIFT_INITS}, got {init!r}")
+    if init != "identity":
+        warnings.warn(random_init_warning(init), UserWarning, stacklevel=2)
     torch_dtype = _resolve_dtype(dtype)
     if out_dir is not None and not overwrite:
         out = Path(out_dir)

@@ -18,7 +18,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
-from ..layers.attention import KVShiftAttention
+from ..layers.attention import SHIFT_PARAMETER_NAMES, KVShiftAttention
 from ..layers.block import DecoderLayer
 from ..layers.norm import RMSNorm
 from ..layers.rope import RotaryEmbedding
@@ -55,23 +55,27 @@ def reset_mask_from_position_ids(position_ids: torch.Tensor, past: int = 0) -> t
     return reset
 
 
-def document_mask_function(reset_mask: torch.Tensor, past: int):
+def document_mask_function(reset_mask: torch.Tensor, past: int | torch.Tensor):
     """A Hugging Face mask function keeping attention inside documents (``and``-ed with the causal mask).
 
     Queries are the current chunk; keys are the ``past`` cached tokens followed by the chunk. Cached
-    tokens belong to the chunk's first document unless the chunk starts with a reset.
+    tokens belong to the chunk's first document unless the chunk starts with a reset. ``past`` may be a
+    static cache's 0-d device tensor: the document of a cache position is index arithmetic on it (no
+    tensor sized by it, which would read it on the host: a sync, and no CUDA graphs when compiled).
     """
     doc_q = reset_mask.long().cumsum(-1)  # [B, T]
-    doc_kv = torch.cat([doc_q.new_zeros(doc_q.shape[0], past), doc_q], dim=-1)  # [B, past + T]
-    last = doc_kv.shape[-1] - 1
+    last = doc_q.shape[-1] - 1
+
+    def doc(batch_idx, idx):
+        # idx is an absolute position in the cache (a static cache has slots past the chunk: the causal
+        # mask hides them). torch.where, not clamp: Inductor's CPU code for FlexAttention's block mask
+        # fails to compile the clamp form (torch 2.13: mixed int/float vector masks).
+        rel = idx - past
+        i = torch.where(rel < 0, 0, torch.where(rel > last, last, rel))
+        return torch.where(rel < 0, 0, doc_q[batch_idx, i])  # cached tokens: document 0
 
     def fn(batch_idx, head_idx, q_idx, kv_idx):
-        # q_idx and kv_idx are absolute positions in the cache (a static cache has slots past `last`: the
-        # causal mask hides them). torch.where, not clamp: Inductor's CPU code for FlexAttention's block
-        # mask fails to compile the clamp form (torch 2.13: mixed int/float vector masks).
-        q = torch.where(q_idx > last, last, q_idx)
-        kv = torch.where(kv_idx > last, last, kv_idx)
-        return doc_kv[batch_idx, q] == doc_kv[batch_idx, kv]
+        return doc(batch_idx, q_idx) == doc(batch_idx, kv_idx)
 
     return fn
 
@@ -104,6 +108,9 @@ class KVShiftPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": DecoderLayer, "attentions": KVShiftAttention}
+    # The token-mixing scalars stay fp32 whatever dtype the model loads in: in bf16 a current-token weight
+    # of 1 cannot take a step smaller than 2^-8 (1 - 1e-4 rounds back to 1), so it would never train.
+    _keep_in_fp32_modules_strict = list(SHIFT_PARAMETER_NAMES)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["OPTIM_IMPLEMENTATIONS", "ATTN_IMPLEMENTATIONS", "ModelConfig", "DataConfig", "OptimConfig", "DistributedConfig", "TrainConfig",
+__all__ = ["OPTIM_IMPLEMENTATIONS", "TRAINABLE", "SHIFT_INITS", "ATTN_IMPLEMENTATIONS", "ModelConfig", "DataConfig", "OptimConfig", "DistributedConfig", "TrainConfig",
            "apply_overrides", "config_to_dict", "config_from_dict"]
 
 
@@ -28,6 +28,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
     kv_shift: bool = True
+    # paper | identity | softmax | near-identity, or auto: paper from scratch; with init_from the
+    # checkpoint's own shift weights where it has them, identity where it has none
     kv_shift_init: str = "paper"
     kv_shift_position: str = "pre_rope"
     kv_shift_parametrization: str = "free"
@@ -40,6 +42,9 @@ class ModelConfig:
     # auto: flex_attention on CUDA (block-sparse document masks for packed rows), sdpa on CPU; or any of
     # ATTN_IMPLEMENTATIONS (flex_attention trains on CUDA only: no backward on CPU)
     attn_implementation: str = "auto"
+    # Start from a pretrained checkpoint: a kvshift model folder, a Llama / Qwen2 / Qwen3 / Mistral folder
+    # or hub id, or a GGUF file (converted on the fly); its architecture replaces the fields above
+    init_from: str = ""
 
 
 @dataclass
@@ -65,6 +70,8 @@ class DataConfig:
 
 
 OPTIM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "loop")
+TRAINABLE = ("all", "shift", "lora")
+SHIFT_INITS = ("auto", "paper", "identity", "softmax", "near-identity")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
@@ -82,6 +89,11 @@ class OptimConfig:
     warmup_steps: int = 100
     decay_frac: float = 0.2  # WSD: fraction of steps spent decaying
     implementation: str = "auto"  # auto (fused unless FSDP-sharded) | fused | foreach | loop
+    # What trains: all | shift (only the shift scalars; every other weight frozen) | lora (PEFT LoRA of
+    # rank lora_rank on the attention and MLP projections, plus the shift scalars; saved merged)
+    trainable: str = "all"
+    lora_rank: int = 8
+    lora_alpha: float = 0.0  # 0: 2 x lora_rank
 
 
 @dataclass
@@ -122,6 +134,8 @@ class TrainConfig:
             "distributed.strategy": (self.distributed.strategy, ("none", "ddp", "fsdp")),
             "device": (self.device, ("auto", "cpu", "cuda")),
             "dtype": (self.dtype, ("auto", "float32", "bfloat16")),
+            "optim.trainable": (self.optim.trainable, TRAINABLE),
+            "model.kv_shift_init": (self.model.kv_shift_init, SHIFT_INITS),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -141,6 +155,22 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.data.val_batch_size < 1:
             raise ValueError(f"data.val_batch_size must be >= 1, got {self.data.val_batch_size}")
+        self._validate_trainable()
+
+    def _validate_trainable(self) -> None:
+        if self.optim.trainable == "shift" and not self.model.kv_shift and not self.model.token_smear:
+            raise ValueError("optim.trainable=shift with model.kv_shift=false: nothing would train (turn the shift "
+                             "on, or train optim.trainable=all)")
+        if self.optim.trainable == "lora":
+            if self.optim.lora_rank < 1:
+                raise ValueError(f"optim.lora_rank must be >= 1, got {self.optim.lora_rank}")
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:
+                raise ValueError("optim.trainable=lora needs the peft package: pip install 'kvshift[lora]' "
+                                 "(or pip install peft)")
+            if self.distributed.strategy == "fsdp":
+                raise ValueError("optim.trainable=lora runs under distributed.strategy=ddp or none, not fsdp")
 
     def validation_budget(self, final: bool = True) -> int:
         """Tokens of one validation pass (0 = the whole val split); see the DataConfig fields."""

@@ -114,6 +114,11 @@ def build_model_for_data(cfg: TrainConfig, vocab_size: int, eos_id: int | None,
     data: vocabulary, context length and EOS (which also pads; no BOS) from the data; inference defaults
     (``use_cache``) saved, as the trainer passes ``use_cache=False`` itself."""
     fields = dataclasses.asdict(cfg.model)
+    if fields.pop("init_from"):
+        raise ValueError("build_model_for_data builds a model from scratch; model.init_from is set (use "
+                         "kvshift.train.retrofit.load_start_model)")
+    if fields["kv_shift_init"] == "auto":  # from scratch: the paper's init
+        fields["kv_shift_init"] = "paper"
     fields["attn_implementation"] = attention_for_device(fields["attn_implementation"], device_type)
     vocab = fields.pop("vocab_size") or vocab_size
     if vocab < vocab_size:
@@ -261,16 +266,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def _save_final(model, out: Path, state: dict, data_dir: Path | None) -> Path:
+def _save_final(model, out: Path, state: dict, data_dir: Path | None, tokenizer=None) -> Path:
     """``out/final``: the model with inference defaults and its tokenizer, usable by ``kvshift generate``
-    and ``AutoTokenizer`` (``data_dir`` None: the raw-byte tokenizer), written to a temp folder and renamed."""
+    and ``AutoTokenizer`` (``tokenizer``: a pretrained checkpoint's own; else the data's, or the raw-byte
+    tokenizer when ``data_dir`` is None), written to a temp folder and renamed."""
     from ..data.tokenizer import model_tokenizer
 
     final, tmp = out / "final", out / f".tmp-final-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, state_dict=state)
-    model_tokenizer(data_dir).save_pretrained(tmp)
+    (tokenizer if tokenizer is not None else model_tokenizer(data_dir)).save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -313,11 +319,27 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: str | os.PathLik
     if attn == "flex_attention" and info.device.type == "cpu":
         raise ValueError("model.attn_implementation=flex_attention cannot train on CPU (FlexAttention has no "
                          "backward on CPU in torch 2.13); use sdpa or auto")
-    base = build_model_for_data(cfg, train_ds.vocab_size, train_ds.eos_id, info.device.type).to(info.device)
+    tokenizer = None
+    if cfg.model.init_from:  # a pretrained checkpoint: its architecture, weights and tokenizer
+        from .retrofit import check_data_tokenizer, checkpoint_config, load_start_model, source_tokenizer
+
+        ckpt_config = checkpoint_config(cfg.model.init_from)
+        tokenizer = source_tokenizer(cfg.model.init_from)
+        check_data_tokenizer(cfg, train_ds, tokenizer, ckpt_config.vocab_size)
+        if cfg.data.seq_len > ckpt_config.max_position_embeddings:
+            raise ValueError(f"data.seq_len={cfg.data.seq_len} is longer than --init-from's context "
+                             f"(max_position_embeddings {ckpt_config.max_position_embeddings})")
+        base, _ = load_start_model(cfg, info.device.type)
+    else:
+        base = build_model_for_data(cfg, train_ds.vocab_size, train_ds.eos_id, info.device.type)
+    base = base.to(info.device)
     for name, p in base.named_parameters():  # the shift scalars stay fp32 whatever the compute dtype
         if is_shift_parameter(name):
             p.data = p.data.float()
-    model = wrap_model(base, cfg, info)
+    from .retrofit import apply_trainable
+
+    trainee, n_trainable, n_total = apply_trainable(base, cfg)
+    model = wrap_model(trainee, cfg, info)
     optimizer = build_optimizer(model, cfg.optim)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     same_run = resumed is not None and run_dir_of(resumed[3]).resolve() == out.resolve()
@@ -356,6 +378,9 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: str | os.PathLik
     rows_per_step = cfg.data.batch_size * cfg.data.grad_accum * info.world_size
     tokens_per_step = rows_per_step * cfg.data.seq_len
     if info.is_main:
+        start = f"--init-from {cfg.model.init_from}" if cfg.model.init_from else "from scratch"
+        print(f"{cfg.name}: {start}, kv_shift={cfg.model.kv_shift}; trainable parameters: {n_trainable:,} of "
+              f"{n_total:,} (optim.trainable={cfg.optim.trainable})", file=sys.stderr)
         print(f"{cfg.name}: global batch {rows_per_step} rows x {cfg.data.seq_len} tokens = {tokens_per_step} "
               f"tokens per step ({cfg.data.batch_size} rows x {cfg.data.grad_accum} accumulation x "
               f"{info.world_size} process{'es' if info.world_size > 1 else ''}); {cfg.steps} steps, "
@@ -451,10 +476,16 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: str | os.PathLik
     if curve_set is not None:  # which documents and how many tokens the last validation scored
         summary["validation"] = {k: v for k, v in curve_set.items() if k != "rows"}
     if end_step == cfg.steps:
-        state = get_model_state_dict(model, options=opts)
+        if cfg.optim.trainable == "lora":  # the final model is saved with LoRA merged into its weights
+            from .retrofit import merged_model
+
+            base = merged_model(trainee)
+            state = base.state_dict()
+        else:
+            state = get_model_state_dict(model, options=opts)
         if info.is_main:
             data_dir = Path(cfg.data.path) if cfg.data.source == "prepared" else None
-            summary["final_dir"] = str(_save_final(base, out, state, data_dir))
+            summary["final_dir"] = str(_save_final(base, out, state, data_dir, tokenizer))
     if info.is_main:
         atomic_write_text(out / "summary.json",
                           json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
