@@ -104,3 +104,44 @@ def test_every_backend_gets_one_dtype_under_autocast(variant, impl, monkeypatch)
     assert seen
     for q, k, v, _ in seen:
         assert (q, k, v) == (torch.bfloat16,) * 3
+
+
+def _capturing_backend(graphs: list):
+    """A torch.compile backend that keeps every AOT (aten-level) forward graph and runs it as is."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=keep)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@torch.no_grad()
+def test_compiled_static_decode_graph_is_cuda_graph_safe(variant):
+    """The fullgraph-compiled static-cache decode step, with position_ids as generate() and `bench gpu-decode`
+    pass them, under bf16 autocast: no ``_local_scalar_dense`` (a host sync, which makes Inductor skip CUDA
+    graphs) and no node Inductor's CUDA-graph check rejects; bf16 cache, logits equal the eager step."""
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    torch._dynamo.reset()
+    m = _model(variant)
+    ids = torch.randint(3, 97, (2, 6), device=DEVICE)
+    caches = [StaticCache(config=m.config, max_cache_len=12) for _ in range(2)]
+    graphs: list = []
+    step = torch.compile(m, fullgraph=True, dynamic=False, backend=_capturing_backend(graphs))
+    with _autocast():
+        for cache in caches:
+            m(ids[:, :5], cache=cache, use_cache=True)
+        pos = torch.full((2, 1), 5, device=DEVICE)
+        compiled = step(ids[:, 5:6], cache=caches[0], position_ids=pos, use_cache=True).logits
+        eager = m(ids[:, 5:6], cache=caches[1], position_ids=pos, use_cache=True).logits
+    assert graphs
+    for gm in graphs:
+        ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+        assert not any("_local_scalar_dense" in op for op in ops), sorted(ops)
+        assert get_first_incompatible_cudagraph_node(gm) is None
+    assert _cache_dtypes(caches[0]) == {torch.bfloat16}
+    torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=2e-2)
