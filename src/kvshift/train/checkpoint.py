@@ -1,9 +1,18 @@
-"""Atomic checkpoints: model (safetensors), optimizer, RNG and data position, written to a temp dir then renamed."""
+"""Atomic checkpoints: model (safetensors), optimizer, RNG and data position, written to a temp dir then renamed.
+
+Every file loads without running code: the model is safetensors, the trainer state JSON, and ``optimizer.pt``
+holds only tensors and plain containers (the RNG states as lists and tensors), loaded with
+``torch.load(weights_only=True)``. ``optimizer.pt`` files written before this format (format 1, with numpy's
+and python's RNG state as pickled objects) still load under the same restricted unpickler, with only numpy's
+array and dtype types allowed in addition; a file that asks for anything else is refused
+(:class:`UnsafeCheckpointError`).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -13,23 +22,107 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "older_checkpoints", "run_dir_of", "rng_state",
-           "set_rng_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "older_checkpoints",
+           "run_dir_of", "rng_state", "set_rng_state", "load_optimizer_file", "UnsafeCheckpointError"]
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "trainer_state.json"
+OPTIM_FORMAT = 2  # 1: kvshift <= 0.1.0 (numpy / python RNG state pickled as objects); 2: plain containers only
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file would import or call something other than tensors and plain containers."""
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """The python, numpy, torch and CUDA RNG states as lists, numbers and tensors (``weights_only``-loadable)."""
+    version, internal, gauss = random.getstate()
+    name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {"python": {"version": version, "state": list(internal), "gauss_next": gauss},
+            "numpy": {"bit_generator": str(name), "key": [int(k) for k in key], "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what :func:`rng_state` returned (or the format-1 tuples, which :func:`_read` converts)."""
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    np.random.set_state((npy["bit_generator"], np.asarray(npy["key"], dtype=np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _legacy_rng(state: dict) -> dict:
+    """Format 1's RNG entry (``random.getstate()`` tuple, ``np.random.get_state()`` tuple) in format 2."""
+    try:
+        version, internal, gauss = state["python"]
+        name, key, pos, has_gauss, cached = state["numpy"]
+        if not (isinstance(key, np.ndarray) and key.dtype == np.uint32 and key.ndim == 1):
+            raise TypeError(f"numpy key is {type(key).__name__} {getattr(key, 'dtype', '')}, expected uint32 array")
+        return {"python": {"version": int(version), "state": [int(v) for v in internal],
+                           "gauss_next": None if gauss is None else float(gauss)},
+                "numpy": {"bit_generator": str(name), "key": [int(k) for k in key], "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+                "torch": state["torch"], "cuda": state.get("cuda")}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"unexpected RNG state in a format-1 {OPTIM_FILE}: {err}") from err
+
+
+def _numpy_globals() -> list:
+    """What ``pickle`` needs to rebuild a numpy array of numbers (format 1's numpy RNG key), nothing more."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+_NUMPY_NAMES = {"numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray",
+                "numpy.dtype", "numpy.dtypes.UInt32DType"}
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # a file torch cannot even scan: the refusal names no global
+        return []
+
+
+def load_optimizer_file(path: str | os.PathLike) -> dict:
+    """Load ``optimizer.pt`` with ``torch.load(weights_only=True)``: ``{"optimizer", "rng"}``, RNG in format 2.
+
+    Raises :class:`UnsafeCheckpointError` for a file that needs any global beyond tensors, plain containers and
+    (format 1 only) numpy's array and dtype types; its pickle is never run by the full unpickler.
+    """
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise
+        names = _unsafe_globals(path)
+        if not names or not set(names) <= _NUMPY_NAMES:
+            what = ", ".join(names) if names else "objects that are not tensors or plain containers"
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: it would import {what} when unpickled (kvshift checkpoints hold "
+                f"only tensors and plain containers); it was not written by kvshift's trainer - do not resume "
+                f"from it unless you rebuild it from a source you trust") from None
+        with torch.serialization.safe_globals(_numpy_globals()):  # format 1: numpy arrays, still restricted
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or "format" in payload:
+            raise UnsafeCheckpointError(f"refusing to load {path}: numpy objects in a format-{OPTIM_FORMAT} "
+                                        f"optimizer file, which kvshift never writes") from None
+    if not isinstance(payload, dict) or "optimizer" not in payload or "rng" not in payload:
+        raise ValueError(f"{path} is not a kvshift optimizer file (expected a dict with 'optimizer' and 'rng')")
+    if payload.get("format", 1) == 1:
+        payload = {"format": OPTIM_FORMAT, "optimizer": payload["optimizer"], "rng": _legacy_rng(payload["rng"])}
+    elif payload["format"] != OPTIM_FORMAT:
+        raise ValueError(f"{path} has optimizer format {payload['format']}; this kvshift reads formats 1 and "
+                         f"{OPTIM_FORMAT}: upgrade kvshift")
+    return payload
 
 
 def _fsync_dir(path: Path) -> None:
@@ -65,7 +158,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, optim_state: di
         tensors[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
     save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
-    torch.save({"optimizer": optim_state, "rng": rng_state()}, tmp / OPTIM_FILE)
+    torch.save({"format": OPTIM_FORMAT, "optimizer": optim_state, "rng": rng_state()}, tmp / OPTIM_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -127,8 +220,10 @@ def latest_checkpoint(path: str | os.PathLike) -> Path:
 def _read(folder: Path) -> tuple[dict, dict, dict]:
     try:
         model_state = load_file(str(folder / MODEL_FILE))
-        optim = torch.load(folder / OPTIM_FILE, map_location="cpu", weights_only=False)
+        optim = load_optimizer_file(folder / OPTIM_FILE)
         state = json.loads((folder / STATE_FILE).read_text())
+    except UnsafeCheckpointError:
+        raise
     except FileNotFoundError as err:
         raise ValueError(f"checkpoint {folder} is incomplete: {err}") from err
     except Exception as err:  # safetensors / pickle / json errors on truncated or corrupt files
@@ -142,16 +237,21 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict, Path]:
     ``path`` is a run folder, its ``checkpoints`` folder or one ``step_*`` folder. When the latest
     checkpoint of a run is damaged, the newest intact older one is loaded instead, with a warning that
     names both. A damaged checkpoint named explicitly raises ValueError, naming the newest intact older
-    one if there is one.
+    one if there is one. A file that would run code when unpickled raises :class:`UnsafeCheckpointError`
+    (no fallback: a foreign file in a run folder is the user's to look at, not damage to skip).
     """
     folder = latest_checkpoint(path)
     try:
         return (*_read(folder), folder)
+    except UnsafeCheckpointError:  # not damage but a foreign file: refused, never skipped over silently
+        raise
     except ValueError as err:
         explicit = (Path(path) / STATE_FILE).exists()
         for candidate in older_checkpoints(folder):
             try:
                 payload = _read(candidate)
+            except UnsafeCheckpointError:
+                raise
             except ValueError:
                 continue
             if explicit:
