@@ -145,3 +145,40 @@ def test_compiled_static_decode_graph_is_cuda_graph_safe(variant):
         assert get_first_incompatible_cudagraph_node(gm) is None
     assert _cache_dtypes(caches[0]) == {torch.bfloat16}
     torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=2e-2)
+
+
+@torch.no_grad()
+def test_generate_takes_the_causal_path(monkeypatch):
+    """generate() passes position_ids, which never start a document there: no document mask. Left padded
+    on CPU (its positions restart after the padding), and unpadded with the reset mask kept as on a GPU
+    (where reading it would sync): no and-mask, and SDPA gets no mask at all (is_causal, the flash path).
+    The tokens equal generation with the document masks as before. (FlexAttention generate with a padded
+    cache fails in Inductor's CPU code generation, torch 2.13: SDPA only.)"""
+    m = _model("torch")
+    m.config._attn_implementation = "sdpa"
+    make_calls = []
+    real_make = modeling.create_causal_mask
+
+    def spy(**kwargs):
+        make_calls.append("and_mask_function" in kwargs)
+        return real_make(**kwargs)
+
+    ids = torch.randint(3, 97, (2, 6), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    ref = m.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    monkeypatch.setattr(modeling, "create_causal_mask", spy)
+    out = m.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert make_calls and not any(make_calls)
+    assert torch.equal(out, ref)
+
+    monkeypatch.setattr(modeling, "_host_readable", lambda t: False, raising=False)  # as on a GPU
+    seen = _record_backend(monkeypatch)
+    make_calls.clear()
+    m.generate(ids, max_new_tokens=3, do_sample=False)
+    assert make_calls and not any(make_calls)
+    assert seen and all(mk is None for *_, mk in seen)
+    # an explicitly packed row still gets its document mask on that path
+    make_calls.clear()
+    m(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]] * 2, device=DEVICE), use_cache=False)
+    assert make_calls == [True]

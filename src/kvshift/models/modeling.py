@@ -80,6 +80,11 @@ def document_mask_function(reset_mask: torch.Tensor, past: int | torch.Tensor):
     return fn
 
 
+def _host_readable(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values costs no device sync and no graph break (CPU, outside torch.compile)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _pad_mask(attention_mask, T: int, past: int, kv_offset: int = 0) -> torch.Tensor | None:
     """``[B, T]`` 1 = real token for the current chunk, from a 2-D mask or from a 4-D mask's diagonal.
 
@@ -154,10 +159,17 @@ class KVShiftModel(KVShiftPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        packed: bool = True,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Hidden states of the decoder stack. ``output_hidden_states`` / ``output_attentions`` /
-        ``return_dict`` come from the keyword or, when not given, from the config (transformers' rule)."""
+        ``return_dict`` come from the keyword or, when not given, from the config (transformers' rule).
+
+        ``packed=False``: ``position_ids`` are RoPE positions only and never start a document, so no
+        document mask is built (``generate()`` passes it: its positions restart only after left padding,
+        which the attention mask covers). With the default, a position that does not follow its left
+        neighbour starts a document (packed rows).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -176,7 +188,7 @@ class KVShiftModel(KVShiftPreTrainedModel):
             if position_ids is None:
                 position_ids = position_ids_from_cu_seqlens(cu_seqlens.to(inputs_embeds.device), T)
         # positions made here continue the cache: they can never start a document (no reset, no sync)
-        may_pack = position_ids is not None
+        may_pack = position_ids is not None and (packed or cu_seqlens is not None)
         if position_ids is None:
             position_ids = (torch.arange(T, device=inputs_embeds.device) + past)[None].expand(B, T)
         elif position_ids.dim() == 1:
@@ -190,8 +202,7 @@ class KVShiftModel(KVShiftPreTrainedModel):
         # Dropping a reset mask without resets keeps SDPA's is_causal path; deciding that reads the mask,
         # which is free on CPU but a device sync elsewhere: on GPU (and under torch.compile) the mask is kept
         # and every path below handles it branch-free. Pass position_ids on GPU only for packed rows.
-        if (reset_mask is not None and reset_mask.device.type == "cpu" and not torch.compiler.is_compiling()
-                and not bool(reset_mask.any())):
+        if reset_mask is not None and _host_readable(reset_mask) and not bool(reset_mask.any()):
             reset_mask = None
         kv_offset = 0
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and cache is not None:
@@ -273,6 +284,13 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
                 cache.activate_past_recording()
         return out
 
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """Transformers' inputs, marked unpacked: generation never packs documents in a row, so every step
+        takes the causal path (SDPA's ``is_causal`` / the flash kernel), never a dense document mask."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        inputs["packed"] = False
+        return inputs
+
     def kv_shift_weights(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Effective ``{layer: (k_weight, v_weight)}``, each ``[num_key_value_heads, 2]`` = (current, previous)."""
         out = {}
@@ -295,14 +313,16 @@ class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cu_seqlens: torch.Tensor | None = None,
+        packed: bool = True,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits (and the loss with ``labels``); output flags and ``return_dict`` as in transformers."""
+        """Logits (and the loss with ``labels``); output flags and ``return_dict`` as in transformers;
+        ``packed`` as in :meth:`KVShiftModel.forward`."""
         flags = {k: kwargs.pop(k) for k in ("output_hidden_states", "output_attentions") if k in kwargs}
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, use_cache=use_cache,
-            cu_seqlens=cu_seqlens, cache=cache, return_dict=True, **flags,
+            cu_seqlens=cu_seqlens, packed=packed, cache=cache, return_dict=True, **flags,
         )
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
