@@ -33,7 +33,7 @@ def test_gpu_parts_add_up_in_one_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench_command, "environment", lambda: {"gpu": "stub"})
     monkeypatch.setattr(op_bench, "bench_op", lambda device: [{"bench": "op", "ratio": 1.0}])
-    monkeypatch.setattr(model_bench, "bench_layer", lambda *a, **k: {"bench": "layer", "ratio": 1.1})
+    monkeypatch.setattr(model_bench, "bench_layer", lambda *a, **k: [{"bench": "layer", "ratio": 1.1}])
     monkeypatch.setattr(model_bench, "bench_train_step", lambda *a, **k: {"bench": "model", "ratio": 0.99})
     assert main(["bench", "gpu-op", "--device", "cpu", "--out", str(tmp_path)]) == 0
     assert main(["bench", "gpu-train", "--device", "cpu", "--out", str(tmp_path)]) == 0

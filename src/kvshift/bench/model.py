@@ -10,11 +10,14 @@ import torch
 
 from ..models import KVShiftConfig, KVShiftForCausalLM
 
-__all__ = ["interleaved", "bench_layer", "bench_train_step", "bench_decode", "CPU_MODEL", "GPU_MODEL"]
+__all__ = ["interleaved", "bench_layer", "bench_train_step", "bench_decode", "CPU_MODEL", "GPU_MODEL", "TINY_MODEL"]
 
 # Small model for a 2-core CPU; GPT-2-small class for a GPU (issue targets).
 CPU_MODEL = dict(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=4, batch=8, seq=256)
+# Tiny shapes for tests and the GPU check's CPU rehearsal (`bash scripts/gpu_check.sh --dry-run`)
+TINY_MODEL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, batch=2, seq=16)
 GPU_MODEL = dict(vocab_size=50304, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                  num_attention_heads=12, num_key_value_heads=12, batch=32, seq=1024)
 
@@ -57,28 +60,47 @@ def _models(spec: dict, device, dtype) -> dict[str, KVShiftForCausalLM]:
     return out
 
 
-def bench_layer(spec: dict, device: torch.device, dtype: torch.dtype, warmup: int = 3, rounds: int = 20) -> dict:
-    """Forward + backward of one decoder layer (attention + MLP), KV shifting vs vanilla."""
+def _causal_block_mask(T: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(lambda b, h, q, kv: q >= kv, None, None, T, T, device=device)
+
+
+def bench_layer(spec: dict, device: torch.device, dtype: torch.dtype, warmup: int = 3, rounds: int = 20,
+                impls: tuple[str, ...] = ("sdpa", "flex_attention")) -> list[dict]:
+    """One decoder layer (attention + MLP), KV shifting vs vanilla, one row per attention backend: SDPA (the
+    model's default) and FlexAttention (the trainer's CUDA default) with a causal BlockMask. Forward and
+    backward; FlexAttention on CPU has no backward (torch 2.13), so its CPU row times the forward alone."""
     from ..layers.block import DecoderLayer
     from ..ops.rope import rope_cos_sin, rope_inv_freq
 
     B, T = spec["batch"], spec["seq"]
-    fns = {}
-    for name, flag in (("vanilla", False), ("kvshift", True)):
-        cfg = _config(spec, flag)
-        torch.manual_seed(0)
-        layer = DecoderLayer(cfg, 0).to(device=device, dtype=dtype)
-        x = torch.randn(B, T, cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
-        pos = torch.arange(T, device=device)[None].expand(B, T)
-        cos_sin = rope_cos_sin(pos, rope_inv_freq(cfg.head_dim, cfg.rope_theta, device), dtype)
+    rows = []
+    for impl in impls:
+        backward = impl != "flex_attention" or device.type == "cuda"
+        mask = _causal_block_mask(T, device) if impl == "flex_attention" else None
+        fns = {}
+        for name, flag in (("vanilla", False), ("kvshift", True)):
+            cfg = _config(spec, flag)
+            cfg._attn_implementation = impl
+            torch.manual_seed(0)
+            layer = DecoderLayer(cfg, 0).to(device=device, dtype=dtype)
+            x = torch.randn(B, T, cfg.hidden_size, device=device, dtype=dtype, requires_grad=backward)
+            pos = torch.arange(T, device=device)[None].expand(B, T)
+            cos_sin = rope_cos_sin(pos, rope_inv_freq(cfg.head_dim, cfg.rope_theta, device), dtype)
 
-        def fn(layer=layer, x=x, cos_sin=cos_sin):
-            layer(x, cos_sin).sum().backward()
+            def fn(layer=layer, x=x, cos_sin=cos_sin):
+                if backward:
+                    layer(x, cos_sin, mask).sum().backward()
+                else:
+                    with torch.no_grad():
+                        layer(x, cos_sin, mask)
 
-        fns[name] = fn
-    ms = interleaved(fns, device, warmup, rounds)
-    return {"bench": "layer", "vanilla_ms": ms["vanilla"], "kvshift_ms": ms["kvshift"],
-            "ratio": ms["kvshift"] / ms["vanilla"]}
+            fns[name] = fn
+        ms = interleaved(fns, device, warmup, rounds)
+        rows.append({"bench": "layer", "attn": impl, "pass": "fwd+bwd" if backward else "fwd",
+                     "vanilla_ms": ms["vanilla"], "kvshift_ms": ms["kvshift"], "ratio": ms["kvshift"] / ms["vanilla"]})
+    return rows
 
 
 def bench_train_step(spec: dict, device: torch.device, dtype: torch.dtype | None = None, warmup: int = 3,

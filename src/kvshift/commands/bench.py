@@ -58,7 +58,7 @@ def run_benchmarks(what: str | tuple[str, ...], device: torch.device, rounds: in
     r = rounds or (30 if cuda else 15)
     runners = {
         "op": lambda: bench_op(device=device),
-        "layer": lambda: [bench_layer(spec, device, dtype, rounds=r)],
+        "layer": lambda: bench_layer(spec, device, dtype, rounds=r),
         "model": lambda: [bench_train_step(spec, device, dtype if cuda else None, rounds=r, compile=cuda)],
         # eager (DynamicCache) and compiled (StaticCache + torch.compile fullgraph) decoding
         "decode": lambda: [row for compile in (False, True)
