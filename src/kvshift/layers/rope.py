@@ -13,8 +13,9 @@ __all__ = ["RotaryEmbedding"]
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin ``[B, T, head_dim]`` for ``position_ids``; scaled RoPE types also scale cos/sin by the
-    ``attention_scaling`` their transformers init function returns (yarn, longrope)."""
+    """cos/sin ``[B, T, head_dim]`` for ``position_ids`` (a stride-0 batch when the positions are an
+    expanded single row); scaled RoPE types also scale cos/sin by the ``attention_scaling`` their
+    transformers init function returns (yarn, longrope)."""
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -45,7 +46,12 @@ class RotaryEmbedding(nn.Module):
     @torch.no_grad()
     @dynamic_rope_update  # dynamic NTK and longrope recompute inv_freq from the sequence length
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, torch.float32)
+        B = position_ids.shape[0]
+        # positions shared by every row (an expanded [1, T]: the model's default): one row of cos/sin,
+        # expanded with a stride-0 batch, not B copies ([B, T, D] fp32 each, 256 MiB at B 32, T 16k)
+        shared = B > 1 and position_ids.dim() == 2 and position_ids.stride(0) == 0
+        cos, sin = rope_cos_sin(position_ids[:1] if shared else position_ids, self.inv_freq, torch.float32)
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
-        return cos.to(x.dtype), sin.to(x.dtype)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # before the expand: .to would materialise it
+        return (cos.expand(B, -1, -1), sin.expand(B, -1, -1)) if shared else (cos, sin)

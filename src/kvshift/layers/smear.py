@@ -35,7 +35,9 @@ class TokenSmear(nn.Module):
     def forward(self, x: torch.Tensor, *, prev: torch.Tensor | None = None, pad_mask=None,
                 reset_mask=None) -> torch.Tensor:
         """``x`` ``[B, T, hidden]``; ``prev`` ``[B, 1, hidden]``: the raw embedding before position 0."""
-        w = torch.tensor([[0.0, 1.0]], dtype=torch.float32, device=x.device)  # the predecessor alone
+        # the predecessor alone, made on the device (torch.tensor from host data would be a copy and a sync)
+        w = torch.zeros(1, 2, dtype=torch.float32, device=x.device)
+        w[:, 1] = 1.0
         before = short_conv(x[:, :, None], w, attention_mask=pad_mask, reset_mask=reset_mask,
                             prev=None if prev is None else prev[:, :, None])[:, :, 0]
         gate = torch.sigmoid(x[..., : self.gate_channels] @ self.smear_gate.to(x.dtype))[..., None]
