@@ -15,14 +15,34 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["atomic_write_text", "atomic_write_json", "to_jsonable", "markdown_table", "environment",
-           "mean_std", "get_pyplot", "save_figure"]
+           "mean_std", "get_pyplot", "save_figure", "apply_umask"]
+
+
+def _umask() -> int:
+    umask = os.umask(0o077)  # reading the umask sets it: set a safe value for that instant
+    os.umask(umask)
+    return umask
 
 
 def _file_mode() -> int:
     """The mode a plain ``open(path, "w")`` would give (``mkstemp`` files are private, 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_umask()
+
+
+def apply_umask(path: str | os.PathLike) -> Path:
+    """Give ``path`` (a file, or a folder and everything in it) the mode a plain ``mkdir`` / ``open`` gives.
+
+    For folders about to be renamed into place: ``tempfile.mkdtemp`` folders are private (0700), and so are
+    the files safetensors >= 0.8 writes (0600, safetensors/safetensors#782), which would leave a saved model
+    unreadable to other users and containers.
+    """
+    path = Path(path)
+    umask = _umask()
+    file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            os.chmod(p, dir_mode if p.is_dir() else file_mode)
+    return path
 
 
 def _atomic_replace(path: Path, write: Callable[[str], Any], suffix: str = ".tmp") -> Path:

@@ -147,9 +147,22 @@ def _umask() -> int:
     return mask
 
 
-def test_kvshift_eval_offline_builtin_task_is_one_line(setup, tmp_path, monkeypatch, capfd):
-    """A built-in task needs its dataset from the Hub: offline that is one clear line, no traceback, and no
-    `fatal: not a git repository` from lm-eval's git lookup outside a repository."""
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading the model fails loudly: what must fail fast fails before it."""
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model was loaded before a cheap check failed")
+
+    monkeypatch.setattr(HFLM, "__init__", boom)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+
+
+def test_kvshift_eval_offline_builtin_task_is_one_line(setup, tmp_path, monkeypatch, capfd, no_model_load):
+    """A built-in task needs its dataset from the Hub: offline that is one clear line, before the model is
+    loaded, no traceback, and no `fatal: not a git repository` from lm-eval's git lookup outside a repository."""
     import datasets
 
     from kvshift.cli import main
@@ -184,6 +197,18 @@ def test_kvshift_eval_bad_input(setup, tmp_path, capsys):
                  str(setup["tasks"])]) == 2
     assert "unknown lm-eval task" in capsys.readouterr().err
     assert not list(tmp_path.glob("**/eval_results.json"))
+
+
+def test_kvshift_eval_unwritable_output_fails_before_the_model_loads(setup, tmp_path, capsys, no_model_load):
+    from kvshift.cli import main
+
+    base = ["eval", "--model", str(setup["model"]), "--tasks", LL_TASK, "--include-path", str(setup["tasks"]),
+            "--device", "cpu"]
+    (tmp_path / "a_file").write_text("")
+    assert main([*base, "--output", str(tmp_path / "a_file" / "sub" / "r.json")]) == 2
+    assert "--output" in (err := capsys.readouterr().err) and "a_file is a file" in err
+    assert main([*base, "--output", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
 
 
 def test_git_hash_lookup_is_quiet_outside_a_repository(tmp_path, monkeypatch, capfd):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import subprocess
 from pathlib import Path
 
@@ -94,13 +95,41 @@ def evaluate(
                "them, or pass --include-path with local task YAMLs")
     with offline_if_unreachable(), _quiet_git_hash(), hub_errors("tasks", ",".join(tasks), offline_message=offline,
                                                                  only_offline=True):
-        results = _simple_evaluate(lm_eval, model_dir, dtype, tasks, num_fewshot, batch_size, device, limit_arg,
+        loaded = _load_tasks(manager, tasks)  # datasets first: an unreachable task fails before the model loads
+        results = _simple_evaluate(lm_eval, model_dir, dtype, loaded, num_fewshot, batch_size, device, limit_arg,
                                    manager, log_samples, bootstrap_iters, seed)
     if results is None:  # not rank 0 of a distributed run
         return {}
     if not log_samples:
         results.pop("samples", None)
     return results
+
+
+def _load_tasks(manager, tasks: list[str]) -> list:
+    """lm-eval's task and group objects for ``tasks``, their datasets loaded (from the Hub or its cache), to
+    hand to ``simple_evaluate``, which would otherwise load the model before the tasks. An lm-eval without
+    ``TaskManager.load`` gets the names back (it then loads the model first)."""
+    if not hasattr(manager, "load"):
+        return tasks
+    loaded = manager.load(tasks)
+    groups = list(loaded["groups"].values())
+    nested = {sub.name for g in groups for sub in g.get_all_groups()}
+    grouped = {t.task_name for g in groups for t in g.get_all_tasks()}
+    return [g for g in groups if g.name not in nested] + [t for name, t in loaded["tasks"].items()
+                                                          if name not in grouped]
+
+
+def _check_output(path: Path) -> None:
+    """Fail before any work when the results JSON could not be written."""
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a directory; give a file path such as {path / 'eval_results.json'}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--output {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {path}: the directory {parent} is not writable")
 
 
 def _simple_evaluate(lm_eval, model_dir, dtype, tasks, num_fewshot, batch_size, device, limit_arg, manager,
@@ -154,6 +183,8 @@ def _write_json(path: Path, obj) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    output = Path(args.output) if args.output else Path(args.model) / "eval_results.json"
+    _check_output(output)
     results = evaluate(
         args.model, args.tasks.split(","), include_path=args.include_path, batch_size=args.batch_size,
         limit=args.limit, device=args.device, dtype=args.dtype, num_fewshot=args.num_fewshot,
@@ -166,7 +197,6 @@ def run(args: argparse.Namespace) -> int:
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
-    output = Path(args.output) if args.output else Path(args.model) / "eval_results.json"
     _write_json(output, results)
     print(f"results written to {output}")
     return 0

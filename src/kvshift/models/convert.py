@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..layers.attention import init_shift_weight, is_shift_parameter
+from ..report import apply_umask
 from .configuration import KV_SHIFT_INITS, KVShiftConfig
 from .gguf import check_gguf, is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
 from .modeling import KVShiftForCausalLM
@@ -304,6 +305,7 @@ def _save_atomically(model: KVShiftForCausalLM, out_dir: Path, source, tokenizer
     try:
         model.save_pretrained(tmp)
         _write_tokenizer(source, tokenizer, tmp, model.config.vocab_size)
+        apply_umask(tmp)  # mkdtemp's folder is private (0700), safetensors' file too (0600): give what mkdir gives
         if out_dir.exists():
             if out_dir.is_dir() and not any(out_dir.iterdir()):
                 out_dir.rmdir()

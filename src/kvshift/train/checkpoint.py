@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..report import apply_umask
+
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "older_checkpoints",
            "run_dir_of", "rng_state", "set_rng_state", "load_optimizer_file", "UnsafeCheckpointError"]
 
@@ -160,6 +162,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, optim_state: di
     save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
     torch.save({"format": OPTIM_FORMAT, "optimizer": optim_state, "rng": rng_state()}, tmp / OPTIM_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+    apply_umask(tmp)  # safetensors >= 0.8 writes its file private (0600)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

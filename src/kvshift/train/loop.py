@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..layers.attention import is_shift_parameter
 from ..models import KVShiftConfig, KVShiftForCausalLM
-from ..report import atomic_write_text
+from ..report import apply_umask, atomic_write_text
 from .checkpoint import list_checkpoints, load_checkpoint, run_dir_of, save_checkpoint, set_rng_state
 from .config import TrainConfig, config_to_dict
 from .distributed import DistInfo, all_reduce_sum, setup_distributed, teardown, wrap_model
@@ -277,6 +277,7 @@ def _save_final(model, out: Path, state: dict, data_dir: Path | None, tokenizer=
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, state_dict=state)
     (tokenizer if tokenizer is not None else model_tokenizer(data_dir)).save_pretrained(tmp)
+    apply_umask(tmp)  # safetensors >= 0.8 writes model.safetensors private (0600)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
