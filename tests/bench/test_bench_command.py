@@ -14,7 +14,7 @@ from kvshift.cli import main
 
 
 def test_rows_are_saved_before_a_later_benchmark_fails(tmp_path, monkeypatch):
-    monkeypatch.setattr(op_bench, "bench_op", lambda device: [{"bench": "op", "shape": "s", "ratio": 1.01}])
+    monkeypatch.setattr(op_bench, "bench_op", lambda *a, **k: [{"bench": "op", "shape": "s", "ratio": 1.01}])
 
     def boom(*args, **kwargs):
         raise RuntimeError("the slot ran out")
@@ -23,7 +23,7 @@ def test_rows_are_saved_before_a_later_benchmark_fails(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="slot"):
         main(["bench", "all", "--device", "cpu", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "all-cpu.json").read_text())
-    assert saved["results"] == {"op": [{"bench": "op", "shape": "s", "ratio": 1.01}]}
+    assert saved["results"] == {"op": [{"bench": "op", "shape": "s", "ratio": 1.01}] * len(op_bench.CPU_SHAPES)}
     assert "1.010" in (tmp_path / "all-cpu.md").read_text()
 
 
@@ -32,7 +32,7 @@ def test_gpu_parts_add_up_in_one_file(tmp_path, monkeypatch):
     from kvshift.commands import bench as bench_command
 
     monkeypatch.setattr(bench_command, "environment", lambda: {"gpu": "stub"})
-    monkeypatch.setattr(op_bench, "bench_op", lambda device: [{"bench": "op", "ratio": 1.0}])
+    monkeypatch.setattr(op_bench, "bench_op", lambda *a, **k: [{"bench": "op", "ratio": 1.0}])
     monkeypatch.setattr(model_bench, "bench_layer", lambda *a, **k: [{"bench": "layer", "ratio": 1.1}])
     monkeypatch.setattr(model_bench, "bench_train_step", lambda *a, **k: {"bench": "model", "ratio": 0.99})
     assert main(["bench", "gpu-op", "--device", "cpu", "--out", str(tmp_path)]) == 0

@@ -64,7 +64,8 @@ def _check(shape, dtype, *, rope, with_keep, with_prev, wdtype=None):
 # (B, T, H, D): T = 1, H = 1, T not a multiple of the row block (D = 64 -> 32 rows), D = 64.
 ROPE_SHAPES = [(2, 5, 3, 8), (1, 1, 1, 4), (2, 33, 2, 64), (3, 7, 1, 6)]
 # Without RoPE the head dim may be odd.
-PLAIN_SHAPES = [(2, 5, 3, 7), (1, 1, 1, 13), (2, 33, 1, 64)]
+# (2, 130, 2, 64): D 64 without RoPE has 64-row tiles; 130 rows span three, the last one partial.
+PLAIN_SHAPES = [(2, 5, 3, 7), (1, 1, 1, 13), (2, 33, 1, 64), (2, 130, 2, 64)]
 MASKS = [(False, False), (False, True), (True, False), (True, True)]
 
 
@@ -195,3 +196,9 @@ def test_rope_needs_even_head_dim():
     x, w = torch.randn(2, 5, 3, 7), torch.randn(3, 2)
     with pytest.raises(ValueError, match="x must have an even head dim"):
         kernels.kv_shift_rope_triton(x, w, torch.ones(2, 5, 7), torch.ones(2, 5, 7))
+
+
+def test_multi_tile_shapes_span_several_tiles():
+    """The shapes above cross a tile boundary at D 64, with RoPE and without (where tiles are twice as tall)."""
+    assert any(T > kernels._blocks(T, D, True)[0] for _, T, _, D in ROPE_SHAPES if D == 64)
+    assert any(T > 2 * kernels._blocks(T, D, False)[0] for _, T, _, D in PLAIN_SHAPES if D == 64)

@@ -12,8 +12,9 @@ from kvshift.ops.kv_shift.reference import kv_shift_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (B, T, H, D): odd head dims, T = 1, a T that is not a multiple of any block.
-SHAPES = [(2, 5, 3, 7), (1, 1, 1, 13), (2, 33, 3, 64), (3, 5, 1, 13)]
+# (B, T, H, D): odd head dims, T = 1, a T that is not a multiple of any block; (2, 130, 2, 64) spans three
+# 64-row tiles of D 64 (the last one partial): predecessors and weight-gradient partials across tiles.
+SHAPES = [(2, 5, 3, 7), (1, 1, 1, 13), (2, 33, 3, 64), (3, 5, 1, 13), (2, 130, 2, 64)]
 
 
 def _tol(dtype: torch.dtype) -> dict:

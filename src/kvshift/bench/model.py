@@ -104,8 +104,9 @@ def bench_layer(spec: dict, device: torch.device, dtype: torch.dtype, warmup: in
 
 
 def bench_train_step(spec: dict, device: torch.device, dtype: torch.dtype | None = None, warmup: int = 3,
-                     rounds: int = 20, compile: bool = False) -> dict:
-    """A full AdamW training step (forward, backward, optimizer); tokens/s of KV shifting over vanilla."""
+                     rounds: int = 20, compile: bool = False, compile_backend: str = "inductor") -> dict:
+    """A full AdamW training step (forward, backward, optimizer); tokens/s of KV shifting over vanilla
+    (``compile``: the model under ``torch.compile`` with ``compile_backend``)."""
     B, T = spec["batch"], spec["seq"]
     models = _models(spec, device, torch.float32)
     use_bf16 = dtype == torch.bfloat16
@@ -113,7 +114,7 @@ def bench_train_step(spec: dict, device: torch.device, dtype: torch.dtype | None
     fns = {}
     for name, model in models.items():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        fwd = torch.compile(model) if compile else model
+        fwd = torch.compile(model, backend=compile_backend) if compile else model
 
         def fn(fwd=fwd, opt=opt):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -149,7 +150,8 @@ def bench_train_step(spec: dict, device: torch.device, dtype: torch.dtype | None
 
 @torch.no_grad()
 def bench_decode(spec: dict, device: torch.device, dtype: torch.dtype, batch_sizes=(1, 32), prompt: int = 128,
-                 new_tokens: int = 32, rounds: int = 5, compile: bool = False) -> list[dict]:
+                 new_tokens: int = 32, rounds: int = 5, compile: bool = False,
+                 compile_backend: str = "inductor") -> list[dict]:
     """Per-token decode latency with the KV cache after an untimed ``prompt``-token prefill.
 
     Both models decode side by side, one step each in alternating order, so machine drift hits both
@@ -160,9 +162,10 @@ def bench_decode(spec: dict, device: torch.device, dtype: torch.dtype, batch_siz
     from transformers import DynamicCache, StaticCache
 
     models = {name: m.eval() for name, m in _models(spec, device, dtype).items()}
-    mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on a GPU
-    steps_fn = {name: torch.compile(m, fullgraph=True, dynamic=False, mode=mode) if compile else m
-                for name, m in models.items()}
+    # CUDA graphs on a GPU (Inductor only)
+    mode = "reduce-overhead" if device.type == "cuda" and compile_backend == "inductor" else None
+    steps_fn = {name: torch.compile(m, fullgraph=True, dynamic=False, mode=mode, backend=compile_backend)
+                if compile else m for name, m in models.items()}
     rows = []
     for B in batch_sizes:
         ids = torch.randint(0, spec["vocab_size"], (B, prompt), device=device)

@@ -14,10 +14,11 @@ from ..report import environment, markdown_table
 
 __all__ = ["add_arguments", "run", "run_benchmarks"]
 
-WHAT = ("op", "layer", "model", "decode", "all", "gpu", "gpu-op", "gpu-train", "gpu-decode", "kernels", "vllm")
-# The GPU check in parts that each fit a short slot (<= 5 minutes on one H200, compilation included);
-# every part adds its benchmarks to the same all-cuda.{md,json} as soon as each one finishes.
-GPU_PARTS = {"gpu-op": ("op", "layer"), "gpu-train": ("model",), "gpu-decode": ("decode",),
+WHAT = ("op", "layer", "model", "decode", "all", "gpu", "gpu-op", "gpu-train", "gpu-decode", "probe", "kernels",
+        "vllm")
+# The GPU check's parts (scripts/gpu_check.sh): every row is added to the same all-cuda.{md,json} as soon as
+# it is measured, so a step cut off by its time limit keeps what it measured.
+GPU_PARTS = {"probe": ("probe",), "gpu-op": ("op", "layer"), "gpu-train": ("model",), "gpu-decode": ("decode",),
              "gpu": ("op", "layer", "model", "decode")}
 
 
@@ -37,38 +38,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default: each benchmark's own)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the .md / .json results (default: %(default)s)")
     parser.add_argument("--no-save", action="store_true", help="print only, write no files (default: off)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="probe / gpu parts: rehearse on CPU at tiny shapes (Triton in its interpreter, "
+                             "TRITON_INTERPRET=1), one timing round (default: off)")
 
 
 def _table(rows: list[dict]) -> str:
     cols = [c for c in rows[0] if c != "bench"]
+    if any(list(r) != list(rows[0]) for r in rows):  # rows of different kinds (the probe's checks)
+        def details(r: dict) -> str:
+            return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
+                             if k not in ("bench", "check", "ok", "seconds"))
+
+        rows = [{"check": r.get("check"), "ok": r.get("ok"), "seconds": r.get("seconds"), "details": details(r)}
+                for r in rows]
+        cols = ["check", "ok", "seconds", "details"]
     return markdown_table(rows, cols, digits=3).rstrip("\n")
 
 
 def run_benchmarks(what: str | tuple[str, ...], device: torch.device, rounds: int | None = None,
-                   on_result=None) -> dict[str, list[dict]]:
+                   on_result=None, dry_run: bool = False) -> dict[str, list[dict]]:
     """Run the benchmarks named by ``what`` (one name, ``"all"``, or a tuple of names); ``on_result(name,
-    rows)`` is called as soon as each one finishes (the command saves there, so a cut-off run keeps them)."""
-    from ..bench.model import CPU_MODEL, GPU_MODEL, bench_decode, bench_layer, bench_train_step
-    from ..bench.op import bench_op
+    rows)`` is called as soon as each row is measured (the command saves there, so a cut-off run keeps it).
+    ``dry_run``: tiny shapes and one round (the GPU check's CPU rehearsal)."""
+    from ..bench.model import CPU_MODEL, GPU_MODEL, TINY_MODEL, bench_decode, bench_layer, bench_train_step
+    from ..bench.op import CPU_SHAPES, GPU_SHAPES, bench_op
+    from ..bench.probe import run_probe
 
     names = ("op", "layer", "model", "decode") if what == "all" else ((what,) if isinstance(what, str) else what)
     cuda = device.type == "cuda"
-    spec = GPU_MODEL if cuda else CPU_MODEL
+    spec = TINY_MODEL if dry_run else (GPU_MODEL if cuda else CPU_MODEL)
+    shapes = [(1, 2, 16, 16)] if dry_run else (GPU_SHAPES if cuda else CPU_SHAPES)
     dtype = torch.bfloat16 if cuda else torch.float32
-    r = rounds or (30 if cuda else 15)
+    r = 1 if dry_run else (rounds or (30 if cuda else 15))
+    timing = dict(warmup=1, rounds=1) if dry_run else dict(rounds=r)
+    # a dry run traces the compiled variants without Inductor's (minutes-long) CPU code generation
+    backend = "aot_eager" if dry_run else "inductor"
     runners = {
-        "op": lambda: bench_op(device=device),
-        "layer": lambda: bench_layer(spec, device, dtype, rounds=r),
-        "model": lambda: [bench_train_step(spec, device, dtype if cuda else None, rounds=r, compile=cuda)],
-        # eager (DynamicCache) and compiled (StaticCache + torch.compile fullgraph) decoding
-        "decode": lambda: [row for compile in (False, True)
-                           for row in bench_decode(spec, device, dtype, rounds=max(3, r // 3), compile=compile)],
+        "probe": lambda: run_probe(device, dry_run=dry_run),
+        "op": lambda: (row for shape in shapes
+                       for row in bench_op([shape], device=device, **(dict(warmup=1, iters=1) if dry_run else {}))),
+        "layer": lambda: (row for impl in ("sdpa", "flex_attention")
+                          for row in bench_layer(spec, device, dtype, impls=(impl,), **timing)),
+        "model": lambda: [bench_train_step(spec, device, dtype if cuda else None, compile=cuda or dry_run,
+                                           compile_backend=backend, **timing)],
+        # eager (DynamicCache), then compiled (StaticCache + torch.compile fullgraph), one batch size a row
+        "decode": lambda: (row for compile in (False, True) for B in ((2,) if dry_run else (1, 32))
+                           for row in bench_decode(spec, device, dtype, batch_sizes=(B,), compile=compile,
+                                                   compile_backend=backend,
+                                                   **(dict(rounds=1, prompt=8, new_tokens=2) if dry_run
+                                                      else dict(rounds=max(3, r // 3))))),
     }
     out: dict[str, list[dict]] = {}
     for name in names:
-        out[name] = runners[name]()
-        if on_result is not None:
-            on_result(name, out[name])
+        out[name] = []
+        for row in runners[name]():
+            out[name].append(row)
+            if on_result is not None:
+                on_result(name, out[name])
     return out
 
 
@@ -152,9 +179,14 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "vllm":
         return _vllm(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dry_run and args.what not in GPU_PARTS:
+        raise ValueError(f"--dry-run rehearses the GPU check's parts ({', '.join(GPU_PARTS)}), not {args.what!r}")
     if args.what in GPU_PARTS:  # the GPU tests run from scripts/gpu_check.sh, not from here
-        if not torch.cuda.is_available():
-            raise ValueError(f"kvshift bench {args.what} needs a CUDA GPU (none is visible)")
+        if args.dry_run:
+            device = torch.device("cpu")
+        elif not torch.cuda.is_available():
+            raise ValueError(f"kvshift bench {args.what} needs a CUDA GPU (none is visible); "
+                             f"--dry-run rehearses it on CPU")
         names, stem = GPU_PARTS[args.what], "all-cuda"
     else:
         names, stem = args.what, f"{args.what}-{device.type}"
@@ -171,11 +203,14 @@ def run(args: argparse.Namespace) -> int:
         if args.no_save:
             return
         saved[name] = rows
-        label = "all" if stem == "all-cuda" else args.what
+        label = ("all, dry run on CPU" if args.dry_run else "all") if stem == "all-cuda" else args.what
         _save(folder, stem, _render(label, device.type, hw, saved),
               {"bench": label, "device": device.type, "hardware": hw, "results": saved})
 
-    results = run_benchmarks(names, device, args.rounds, on_result=save)
+    results = run_benchmarks(names, device, args.rounds, on_result=save, dry_run=args.dry_run)
     print(_render(args.what, device.type, hw, results))
     print(json.dumps({"bench": args.what, "device": device.type, "hardware": hw, "results": results}))
-    return 0
+    failed = [r["check"] for r in results.get("probe", []) if not r.get("ok")]
+    if failed:
+        print(f"probe: failed checks: {', '.join(failed)}")
+    return 1 if failed else 0
