@@ -27,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncate", action="store_true",
                         help="keep the last max_position_embeddings tokens of a longer prompt (default: refuse "
                              "such a prompt with an error)")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap each prompt as a user message in the tokenizer's chat template (with the "
+                             "assistant's generation prompt) and stop at the template's end token (default: off, "
+                             "plain text)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per prompt ({prompt, completion}) instead of plain text (default: off)")
 
@@ -45,10 +49,20 @@ def run(args: argparse.Namespace) -> int:
         pad_id = 0
     if tok.pad_token_id is None and len(args.prompt) > 1:
         tok.pad_token_id = pad_id
-    enc = tok(args.prompt, return_tensors="pt", padding=len(args.prompt) > 1).to(model.device)
+    texts, special = list(args.prompt), True
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"--chat: the tokenizer of {args.model} has no chat template (generate without --chat)")
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                         tokenize=False) for p in args.prompt]
+        special = False  # the template already holds every special token
+    enc = tok(texts, return_tensors="pt", padding=len(texts) > 1, add_special_tokens=special).to(model.device)
     enc = _fit_context(enc, model.config.max_position_embeddings, args.max_new_tokens, args.truncate)
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_beams=args.num_beams,
                       pad_token_id=pad_id)
+    if args.chat:  # stop at the end of the assistant's turn: the template's end token and the model's EOS
+        stops = {tok.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None}
+        gen_kwargs["eos_token_id"] = sorted(stops)
     for name in ("temperature", "top_k", "top_p"):
         value = getattr(args, name)
         if value is not None:
@@ -62,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
         text = tok.decode(ids, skip_special_tokens=True)
         print(json.dumps({"prompt": prompt, "completion": text}) if args.json else prompt + text)
     return 0
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _fit_context(enc, max_positions: int, max_new_tokens: int, truncate: bool):

@@ -21,18 +21,22 @@ EXPERIMENTS = {
     "ablations": ("kvshift.experiments.variants", "run_ablations"),
     "relatives": ("kvshift.experiments.variants", "run_relatives"),
     "scaling": ("kvshift.experiments.variants", "run_scaling"),
+    "retrofit": ("kvshift.experiments.retrofit", "run_retrofit"),
 }
+# experiments whose default run is their full CPU run (--quick: the short smoke version)
+FULL_BY_DEFAULT = ("retrofit",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=[*EXPERIMENTS, "all"], help="experiment to run ('all' runs each in turn)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="quick", action="store_true", default=True,
-                      help="CPU-sized settings (default)")
+    mode.add_argument("--quick", dest="quick", action="store_true", default=None,
+                      help="CPU-sized settings (the default, except for retrofit, whose default is its ~45-minute "
+                           "CPU run and --quick its <= 8-minute version)")
     mode.add_argument("--full", dest="quick", action="store_false", help="paper-scale settings (for a GPU; default: off, --quick)")
     parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per model (default: each experiment's own: 3, lr-robustness 5; induction: 3, and 6 "
-                             "for its 1-layer pair vanilla-1L / kvshift-1L)")
+                        help="seeds per model (default: each experiment's own: 3, lr-robustness 5, retrofit 6 (--quick "
+                             "2); induction: 3, and 6 for its 1-layer pair vanilla-1L / kvshift-1L)")
     parser.add_argument("--out", default="results", help="output folder; each experiment writes OUT/<name>/ (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
                         help="override the training steps of the trained experiments (smoke tests; default: each experiment's own)")
@@ -41,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "ablations, relatives and scaling (default: data/stdlib, prepared when missing)")
 
 
-def run_experiment(name: str, *, quick: bool = True, seeds: int | None = None, out: str | Path = "results",
+def run_experiment(name: str, *, quick: bool | None = None, seeds: int | None = None, out: str | Path = "results",
                    steps: int | None = None, data: str | None = None) -> dict:
     """Run one experiment by name; returns its results payload."""
     if name not in EXPERIMENTS:
@@ -49,7 +53,9 @@ def run_experiment(name: str, *, quick: bool = True, seeds: int | None = None, o
     if seeds is not None and seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     module, fn = EXPERIMENTS[name]
-    if not quick:
+    if quick is None:
+        quick = name not in FULL_BY_DEFAULT
+    if not quick and name not in FULL_BY_DEFAULT:
         from ..experiments.toy import EXPECTED_FULL_TIME
         from ..experiments.variants import EXPECTED_FULL_TIME as VARIANTS_FULL_TIME
 
