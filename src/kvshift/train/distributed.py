@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +12,8 @@ import torch.distributed as dist
 
 from .config import TrainConfig
 
-__all__ = ["DistInfo", "setup_distributed", "wrap_model", "all_reduce_sum", "teardown"]
+__all__ = ["DistInfo", "setup_distributed", "wrap_model", "fsdp_mixed_precision", "gradient_sync", "all_reduce_sum",
+           "teardown"]
 
 
 @dataclass
@@ -60,10 +63,41 @@ def wrap_model(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> torc
         return DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
 
+    mp = fsdp_mixed_precision(cfg, info.device)
+    kw = {} if mp is None else {"mp_policy": mp}
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
     return model
+
+
+def fsdp_mixed_precision(cfg: TrainConfig, device: torch.device):
+    """FSDP2's ``MixedPrecisionPolicy`` for a bf16 run (``dtype`` bfloat16, or auto on CUDA): parameters
+    all-gathered and computed in bf16, gradients reduce-scattered in fp32 (without it FSDP2 moves fp32 both
+    ways: twice the bytes); None for an fp32 run. The fp32 master weights and optimizer state stay sharded."""
+    if not (cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")):
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Gradient communication on (the last accumulation micro-step) or off (the others): FSDP2's
+    ``set_requires_gradient_sync`` (FSDP2 has no ``no_sync``, so it reduce-scattered on every micro-step),
+    DDP's ``no_sync``; a no-op for an unwrapped model."""
+    if enabled or not (hasattr(model, "set_requires_gradient_sync") or hasattr(model, "no_sync")):
+        yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with model.no_sync():
+            yield
 
 
 def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

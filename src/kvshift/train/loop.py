@@ -29,7 +29,7 @@ from ..models import KVShiftConfig, KVShiftForCausalLM
 from ..report import apply_umask, atomic_write_text
 from .checkpoint import list_checkpoints, load_checkpoint, run_dir_of, save_checkpoint, set_rng_state
 from .config import TrainConfig, config_to_dict
-from .distributed import DistInfo, all_reduce_sum, setup_distributed, teardown, wrap_model
+from .distributed import DistInfo, all_reduce_sum, gradient_sync, setup_distributed, teardown, wrap_model
 from .optim import build_optimizer, lr_factor
 
 __all__ = ["train", "TrainingDiverged", "TrainingInterrupted", "load_datasets", "build_model_for_data", "evaluate"]
@@ -422,8 +422,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: str | os.PathLik
                 count = float(all_reduce_sum(count, info))  # normalise by the global token count of the step
                 total = torch.zeros((), dtype=torch.float64, device=info.device)
                 for i, mb in enumerate(micro):
-                    sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
-                    with contextlib.nullcontext() if sync else model.no_sync():
+                    with gradient_sync(model, i == len(micro) - 1):
                         nll, _ = _nll_sum(model, mb, info.device, autocast)
                         (nll * info.world_size / count).backward()  # DDP / FSDP average over ranks
                     total += nll.detach().double()
