@@ -182,3 +182,41 @@ def test_generate_takes_the_causal_path(monkeypatch):
     make_calls.clear()
     m(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]] * 2, device=DEVICE), use_cache=False)
     assert make_calls == [True]
+
+
+@pytest.mark.parametrize("variant", ["torch", "triton"])
+def test_keep_mask_is_built_once_per_forward(variant, monkeypatch):
+    """Padding and a packed row: one keep mask for every layer's K and V (it was rebuilt per tensor and layer,
+    ~50 us of host time each), and the outputs and gradients equal the per-call masks of the reference."""
+    import sys
+
+    import kvshift.layers.attention as layer_module
+
+    # by sys.modules: kvshift.ops.kv_shift, as an attribute, is the op function that shadows its package
+    op_module, torch_module = sys.modules["kvshift.ops.kv_shift"], sys.modules["kvshift.ops.kv_shift.pytorch"]
+
+    m = _model(variant, num_hidden_layers=3).train()
+    ref = _model(variant, num_hidden_layers=3).train()
+    for layer in ref.model.layers:
+        layer.self_attn.kv_shift_backend = "reference"
+    calls = []
+    real = op_module.previous_token_keep_mask
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    for module in (modeling, layer_module, op_module, torch_module):
+        monkeypatch.setattr(module, "previous_token_keep_mask", counting, raising=False)
+    ids = torch.randint(3, 97, (2, 9), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    pos = torch.tensor([list(range(9)), [0, 1, 2, 3, 0, 1, 2, 3, 4]], device=DEVICE)
+    out = m(input_ids=ids, attention_mask=mask, position_ids=pos, labels=ids)
+    assert len(calls) == 1
+    expected = ref(input_ids=ids, attention_mask=mask, position_ids=pos, labels=ids)
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    expected.loss.backward()
+    for (name, p), q in zip(m.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -7,7 +7,8 @@ from torch import nn
 from transformers import initialization as init
 
 from ..ops.attention import attention_backend
-from ..ops.kv_shift import kv_shift_rope, kv_shift_step_unchecked
+from ..ops.kv_shift import kv_shift_rope, kv_shift_rope_keep, kv_shift_step_unchecked
+from ..ops.kv_shift.checks import previous_token_keep_mask
 from ..ops.rope import apply_rope
 from ..ops.short_conv import short_conv
 from .norm import RMSNorm
@@ -252,8 +253,13 @@ class KVShiftAttention(nn.Module):
             self.__dict__["_decode_cols"] = cached
         return cached[1]
 
-    def _shift_kv(self, k, v, cos, sin, pad_mask, reset_mask, state) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shifted (and rotated) keys and values ``[B, Hkv, T, D]`` from raw ``[B, T, Hkv, D]`` ones."""
+    def _shift_kv(self, k, v, cos, sin, pad_mask, reset_mask, state,
+                  keep=None, has_keep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shifted (and rotated) keys and values ``[B, Hkv, T, D]`` from raw ``[B, T, Hkv, D]`` ones.
+
+        ``keep`` (when ``has_keep``): the forward's keep mask, built once for every layer from ``pad_mask``
+        and ``reset_mask`` (``previous_token_keep_mask(..., has_prev=True)``); else built here, once for K and V.
+        """
         T = k.shape[1]
         k_w, v_w = self.shift_weights()
         prev_k, prev_v = state.shift_last() if state is not None else (None, None)  # [B, 1, Hkv, D]
@@ -270,13 +276,20 @@ class KVShiftAttention(nn.Module):
         else:  # one fused pass per tensor on CUDA (shift, RoPE for pre-RoPE keys, layout change)
             if prev_k is not None:
                 prev_k, prev_v = prev_k[:, 0], prev_v[:, 0]
-            masks = dict(attention_mask=pad_mask, reset_mask=reset_mask, backend=self.kv_shift_backend)
             norm_then_rope = self.shift_position == "pre_rope" and self.k_norm is not None
             rope = (cos, sin) if self.shift_position == "pre_rope" and not norm_then_rope else (None, None)
-            k = kv_shift_rope(k, k_w, *rope, prev=prev_k, **masks)  # [B, Hkv, T, D]
+            if self.kv_shift_backend == "reference":  # the literal definition, from the masks themselves
+                masks = dict(attention_mask=pad_mask, reset_mask=reset_mask, backend="reference")
+                k = kv_shift_rope(k, k_w, *rope, prev=prev_k, **masks)  # [B, Hkv, T, D]
+                v = kv_shift_rope(v, v_w, prev=prev_v, **masks)
+            else:  # one keep mask for K and V (and, from the model, for every layer)
+                if not has_keep:
+                    keep = previous_token_keep_mask(k.shape[0], T, k.device, attention_mask=pad_mask,
+                                                    has_prev=True, reset_mask=reset_mask)
+                k = kv_shift_rope_keep(k, k_w, *rope, keep=keep, prev=prev_k, backend=self.kv_shift_backend)
+                v = kv_shift_rope_keep(v, v_w, keep=keep, prev=prev_v, backend=self.kv_shift_backend)
             if norm_then_rope:  # QK-norm: shift, then normalise the mixed key, then rotate
                 k = apply_rope(self.k_norm(k).transpose(1, 2), cos, sin).transpose(1, 2)
-            v = kv_shift_rope(v, v_w, prev=prev_v, **masks)
         if state is not None:  # after the shift: a static cache overwrites the state in place
             state.push_shift_state(raw_k, raw_v, pad_mask)
         return k, v
@@ -290,13 +303,16 @@ class KVShiftAttention(nn.Module):
         pad_mask: torch.Tensor | None = None,
         reset_mask: torch.Tensor | None = None,
         shift_state=None,
+        keep_mask: tuple[torch.Tensor | None] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(output [B, T, hidden], attention weights or None)``; the shift is applied before any backend.
 
         ``attention_mask`` is whatever transformers' mask creation made for ``config._attn_implementation``
         (a 4-D mask, a FlexAttention ``BlockMask`` or None); ``shift_state``: this layer's decode state (raw
-        previous k/v) when a cache is used; ``kwargs`` go to the attention backend (e.g. ``position_ids``).
+        previous k/v) when a cache is used; ``keep_mask``: ``(keep,)``, the forward's
+        ``previous_token_keep_mask(pad_mask, reset_mask)`` built once for every layer (None: built here);
+        ``kwargs`` go to the attention backend (e.g. ``position_ids``).
         """
         B, T, _ = hidden_states.shape
         # heads by -1: under tensor parallelism a rank holds only its share of the heads
@@ -308,7 +324,9 @@ class KVShiftAttention(nn.Module):
             q, k, v = self._conv_qkv(q, k, v, cos, sin, pad_mask, reset_mask, shift_state)
         elif self.use_kv_shift:
             q = apply_rope(self.q_norm(q) if self.q_norm is not None else q, cos, sin).transpose(1, 2)
-            k, v = self._shift_kv(k, v, cos, sin, pad_mask, reset_mask, shift_state)
+            k, v = self._shift_kv(k, v, cos, sin, pad_mask, reset_mask, shift_state,
+                                  keep=keep_mask[0] if keep_mask is not None else None,
+                                  has_keep=keep_mask is not None)
         else:
             q = apply_rope(self.q_norm(q) if self.q_norm is not None else q, cos, sin).transpose(1, 2)
             k = self.k_norm(k) if self.k_norm is not None else k

@@ -23,7 +23,7 @@ from ..layers.block import DecoderLayer
 from ..layers.norm import RMSNorm
 from ..layers.rope import RotaryEmbedding
 from ..layers.smear import TokenSmear
-from ..ops.kv_shift.checks import validate_cu_seqlens
+from ..ops.kv_shift.checks import previous_token_keep_mask, validate_cu_seqlens
 from .cache import kv_shift_layer_state
 from .configuration import KVShiftConfig
 
@@ -235,6 +235,12 @@ class KVShiftModel(KVShiftPreTrainedModel):
         # what the attention backends may use besides the mask (flash-attention's varlen path reads
         # position_ids when there is no mask)
         backend_kwargs = {"position_ids": position_ids}
+        if T > 1 and any(layer.self_attn.use_kv_shift and layer.self_attn.paper_form for layer in self.layers):
+            # which tokens read their predecessor: one [B, T] mask for every layer's K and V (the decode step,
+            # T == 1, has its own branch-free path)
+            keep = previous_token_keep_mask(B, T, inputs_embeds.device, attention_mask=pad_mask, has_prev=True,
+                                            reset_mask=reset_mask)
+            backend_kwargs["keep_mask"] = (keep,)
         for i, layer in enumerate(self.layers):
             state = kv_shift_layer_state(cache, i) if cache is not None and layer.self_attn.use_kv_shift else None
             hidden = layer(hidden, position_embeddings, causal_mask, cache, pad_mask, reset_mask, state,

@@ -10,10 +10,11 @@ import importlib.util
 import torch
 
 from .checks import previous_token_keep_mask, validate_kv_shift_args, validate_rope_args
-from .pytorch import kv_shift_torch
+from .pytorch import kv_shift_torch, kv_shift_torch_keep
 from .reference import kv_shift_ref
 
-__all__ = ["kv_shift", "kv_shift_ref", "kv_shift_rope", "kv_shift_step", "kv_shift_step_unchecked"]
+__all__ = ["kv_shift", "kv_shift_ref", "kv_shift_rope", "kv_shift_rope_keep", "kv_shift_step",
+           "kv_shift_step_unchecked"]
 BACKENDS = ("auto", "torch", "reference", "triton")
 
 
@@ -137,14 +138,27 @@ def kv_shift_rope(
     """
     validate_kv_shift_args(x, weight, None, attention_mask, prev, reset_mask)
     validate_rope_args(x, cos, sin)
+    if backend == "reference":
+        from ..rope import apply_rope
+
+        y = kv_shift_ref(x, weight, attention_mask=attention_mask, prev=prev, reset_mask=reset_mask)
+        return (y if cos is None else apply_rope(y, cos, sin)).transpose(1, 2)
+    keep = previous_token_keep_mask(x.shape[0], x.shape[1], x.device, attention_mask=attention_mask,
+                                    has_prev=True, reset_mask=reset_mask)
+    return kv_shift_rope_keep(x, weight, cos, sin, keep=keep, prev=prev, backend=backend)
+
+
+def kv_shift_rope_keep(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None = None,
+                       sin: torch.Tensor | None = None, *, keep: torch.Tensor | None, prev: torch.Tensor | None = None,
+                       backend: str = "auto") -> torch.Tensor:
+    """:func:`kv_shift_rope` for validated arguments whose boundaries are already one ``[B, T]`` keep mask
+    (``previous_token_keep_mask(..., has_prev=True)``, None = keep all): the attention layer builds it once
+    per forward for every layer's K and V (it was about 50 us of host time per call)."""
     if _use_triton(x, backend):
         from .triton import kv_shift_rope_triton_unchecked
 
-        keep = previous_token_keep_mask(x.shape[0], x.shape[1], x.device, attention_mask=attention_mask,
-                                        has_prev=True, reset_mask=reset_mask)
-        return kv_shift_rope_triton_unchecked(x, weight, cos, sin, keep=keep, prev=prev)  # validated above
+        return kv_shift_rope_triton_unchecked(x, weight, cos, sin, keep=keep, prev=prev)
     from ..rope import apply_rope
 
-    shift = kv_shift_ref if backend == "reference" else kv_shift_torch  # arguments validated above
-    y = shift(x, weight, attention_mask=attention_mask, prev=prev, reset_mask=reset_mask)
+    y = kv_shift_torch_keep(x, weight, prev, keep)
     return (y if cos is None else apply_rope(y, cos, sin)).transpose(1, 2)

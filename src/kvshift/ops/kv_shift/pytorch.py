@@ -12,7 +12,7 @@ import torch
 
 from .checks import previous_token_keep_mask
 
-__all__ = ["kv_shift_torch"]
+__all__ = ["kv_shift_torch", "kv_shift_torch_keep"]
 
 
 def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -87,9 +87,16 @@ def kv_shift_torch(
 ) -> torch.Tensor:
     """:func:`kv_shift_ref` semantics (arguments already validated by the dispatcher)."""
     B, T, H, D = x.shape
-    cdt = torch.promote_types(x.dtype, weight.dtype)
     keep = previous_token_keep_mask(B, T, x.device, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
                                     has_prev=True, reset_mask=reset_mask)
+    return kv_shift_torch_keep(x, weight, prev, keep)
+
+
+def kv_shift_torch_keep(x: torch.Tensor, weight: torch.Tensor, prev: torch.Tensor | None,
+                        keep: torch.Tensor | None) -> torch.Tensor:
+    """:func:`kv_shift_torch` with the boundaries already reduced to a ``[B, T]`` keep mask
+    (``previous_token_keep_mask(..., has_prev=True)``; None = keep all): built once per forward."""
+    cdt = torch.promote_types(x.dtype, weight.dtype)
     xc, wc, pc = x.to(cdt), weight.to(cdt), None if prev is None else prev.to(cdt)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (prev is not None and prev.requires_grad))
