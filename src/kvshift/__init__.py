@@ -13,8 +13,9 @@ from .models import (  # importing the models package registers the Auto classes
     KVShiftPreTrainedModel,
 )
 from .ops import kv_shift, kv_shift_ref
+from .train.optim import optimizer_param_groups
 
 __version__ = "0.1.0"
 __all__ = ["kv_shift", "kv_shift_ref", "KVShiftConfig", "KVShiftForCausalLM", "KVShiftModel",
            "KVShiftPreTrainedModel", "KVShiftForSequenceClassification", "KVShiftForTokenClassification",
-           "KVShiftForQuestionAnswering", "__version__"]
+           "KVShiftForQuestionAnswering", "optimizer_param_groups", "__version__"]

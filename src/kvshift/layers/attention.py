@@ -43,6 +43,8 @@ def init_shift_weight(num_heads: int, mode: str, parametrization: str = "free",
     else:
         raise ValueError(f"kv_shift_init must be one of {KV_SHIFT_INITS}, got {mode!r}")
     w = torch.stack([cur, 1.0 - cur], dim=-1)
+    if mode == "near-identity":  # 1 - 0.9 in Python, not fp32 (which gives 0.09999999)
+        w = torch.tensor([[NEAR_IDENTITY_CURRENT, 1.0 - NEAR_IDENTITY_CURRENT]]).repeat(num_heads, 1)
     if parametrization == "gate":  # stored as a logit in column 0; column 1 is unused
         w = torch.stack([torch.logit(cur.clamp(1e-6, 1 - 1e-6)), torch.zeros_like(cur)], dim=-1)
         if mode == "identity":

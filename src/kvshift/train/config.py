@@ -70,7 +70,7 @@ class DataConfig:
 
 
 OPTIM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "loop")
-TRAINABLE = ("all", "shift", "lora")
+TRAINABLE = ("all", "shift", "lora", "shift-current")
 SHIFT_INITS = ("auto", "paper", "identity", "softmax", "near-identity")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
@@ -90,7 +90,8 @@ class OptimConfig:
     decay_frac: float = 0.2  # WSD: fraction of steps spent decaying
     implementation: str = "auto"  # auto (fused unless FSDP-sharded) | fused | foreach | loop
     # What trains: all | shift (only the shift scalars; every other weight frozen) | lora (PEFT LoRA of
-    # rank lora_rank on the attention and MLP projections, plus the shift scalars; saved merged)
+    # rank lora_rank on the attention and MLP projections, plus the shift scalars; saved merged) |
+    # shift-current (a control: only the current-token shift weights, the previous-token ones held at 0)
     trainable: str = "all"
     lora_rank: int = 8
     lora_alpha: float = 0.0  # 0: 2 x lora_rank
@@ -158,8 +159,9 @@ class TrainConfig:
         self._validate_trainable()
 
     def _validate_trainable(self) -> None:
-        if self.optim.trainable == "shift" and not self.model.kv_shift and not self.model.token_smear:
-            raise ValueError("optim.trainable=shift with model.kv_shift=false: nothing would train (turn the shift "
+        if self.optim.trainable in ("shift", "shift-current") and not self.model.kv_shift \
+                and not self.model.token_smear:
+            raise ValueError(f"optim.trainable={self.optim.trainable} with model.kv_shift=false: nothing would train (turn the shift "
                              "on, or train optim.trainable=all)")
         if self.optim.trainable == "lora":
             if self.optim.lora_rank < 1:

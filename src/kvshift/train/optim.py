@@ -9,7 +9,7 @@ import torch
 from ..layers.attention import is_shift_parameter
 from .config import OPTIM_IMPLEMENTATIONS, OptimConfig
 
-__all__ = ["param_groups", "build_optimizer", "lr_factor"]
+__all__ = ["param_groups", "optimizer_param_groups", "build_optimizer", "lr_factor"]
 
 
 def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -33,6 +33,31 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
         {"params": shift, "weight_decay": 0.0, "lr_mult": cfg.shift_lr_mult, "name": "kv_shift"},
     ]
     return [g for g in groups if g["params"]]
+
+
+def optimizer_param_groups(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
+                           shift_lr_mult: float = 1.0) -> list[dict]:
+    """kvshift's AdamW parameter groups for any trainer: ``decay`` (matrices and embeddings, ``weight_decay``),
+    ``no_decay`` (norms and biases) and ``kv_shift`` (the shift scalars: no decay, LR ``lr * shift_lr_mult``).
+    Frozen parameters (``requires_grad=False``) are left out. Each group carries its ``lr``, so a scheduler
+    that scales every group (Hugging Face ``Trainer``'s, ``torch.optim.lr_scheduler``) keeps the ratio::
+
+        groups = kvshift.optimizer_param_groups(model, lr=1e-4, weight_decay=0.1, shift_lr_mult=10)
+        trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(torch.optim.AdamW(groups), None))
+
+    Hugging Face ``Trainer``'s own optimizer would decay every shift weight (pulling the identity (1, 0)
+    towards 0); this keeps them undecayed. Raises ``ValueError`` for a bad ``lr`` / ``weight_decay`` /
+    ``shift_lr_mult`` or a shift weight that is not fp32."""
+    for name, value in (("lr", lr), ("shift_lr_mult", shift_lr_mult)):
+        if not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    cfg = OptimConfig(lr=lr, weight_decay=weight_decay, shift_lr_mult=shift_lr_mult)
+    groups = param_groups(model, cfg)
+    for g in groups:
+        g["lr"] = lr * g["lr_mult"]
+    return groups
 
 
 def _implementation_kwargs(params: list[torch.Tensor], implementation: str) -> dict:

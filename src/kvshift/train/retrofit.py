@@ -252,6 +252,8 @@ def cfg_is_main() -> bool:
 
 def apply_trainable(model, cfg: TrainConfig):
     """Freeze per ``cfg.optim.trainable``; returns ``(model to train, trainable count, total count)``.
+    ``shift-current`` (a control) trains only the current-token weights (a1, b1) with the previous-token
+    weights held at 0: per-head scales of the same keys and values, without the previous token.
     ``lora`` wraps the model with PEFT (LoRA rank ``optim.lora_rank`` on :data:`LORA_TARGETS`) and keeps the
     shift scalars trainable."""
     mode = cfg.optim.trainable
@@ -259,6 +261,21 @@ def apply_trainable(model, cfg: TrainConfig):
     if mode == "shift":
         for name, p in model.named_parameters():
             p.requires_grad_(is_shift_parameter(name))
+    elif mode == "shift-current":  # the control: per-head scales a1, b1 only; a2 = b2 = 0 stay exactly 0
+        for name, p in model.named_parameters():
+            p.requires_grad_(is_shift_parameter(name))
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            if not attn.use_kv_shift:
+                continue
+            if not attn.paper_form or attn.parametrization != "free":
+                raise ValueError("optim.trainable=shift-current needs the paper's shift with "
+                                 "model.kv_shift_parametrization=free (it zeroes the previous-token weights)")
+            for p in attn.shift_parameters():
+                with torch.no_grad():
+                    p[:, 1] = 0.0
+                keep = torch.tensor([1.0, 0.0], dtype=p.dtype, device=p.device)
+                p.register_hook(lambda g, keep=keep: g * keep)
     elif mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -269,6 +286,8 @@ def apply_trainable(model, cfg: TrainConfig):
             if is_shift_parameter(name):
                 p.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if mode == "shift-current":
+        trainable //= 2  # the previous-token column never changes
     return model, trainable, total
 
 
