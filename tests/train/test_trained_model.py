@@ -1,4 +1,4 @@
-"""A model the trainer saved is ready to use: inference defaults, a tokenizer that pads, the README's
+"""A model the trainer saved is ready to use: inference defaults, a tokenizer that pads, docs/huggingface.md's
 Load/Generate snippets run on it as written, the static cache is really used, `kvshift generate` works."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from kvshift.train.config import apply_overrides
 from kvshift.train.loop import train
 from kvshift.train.recipes import get_recipe
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "huggingface.md"
 SMALL = ["progress=false", "tensorboard=false", "model.hidden_size=32", "model.intermediate_size=64",
          "data.seq_len=32", "data.batch_size=4", "data.byte_files=8", "steps=3", "eval_every=3"]
 
@@ -64,17 +64,17 @@ def test_byte_tokenizer_matches_the_byte_corpus(trained):
 
 
 def _snippet(title: str) -> str:
-    text = README.read_text()
-    section = text[text.index(f"### {title}"):]
+    text = DOC.read_text()
+    section = text[re.search(rf"^#+ {re.escape(title)}$", text, flags=re.M).start():]
     return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
 
 
 @pytest.mark.parametrize("kind", ["bytes", "bpe"])
-def test_readme_load_and_generate_snippets_run_on_a_trained_model(trained, kind, tmp_path, caplog):
-    ns = {"MODEL_DIR": str(trained[kind]), "SAVE_DIR": str(tmp_path / "saved"), "__name__": "readme"}
+def test_docs_load_and_generate_snippets_run_on_a_trained_model(trained, kind, tmp_path, caplog):
+    ns = {"MODEL_DIR": str(trained[kind]), "SAVE_DIR": str(tmp_path / "saved"), "__name__": "docs_snippet"}
     caplog.set_level(logging.WARNING)
-    exec(compile(_snippet("Load and save"), "README.md", "exec"), ns)
-    exec(compile(_snippet("Generate"), "README.md", "exec"), ns)
+    exec(compile(_snippet("Load and save"), str(DOC), "exec"), ns)
+    exec(compile(_snippet("Generate"), str(DOC), "exec"), ns)
     assert ns["greedy"].shape[1] == ns["batch"].input_ids.shape[1] + 20
     assert not [r for r in caplog.records if "may be ignored" in r.getMessage()]
 
