@@ -28,7 +28,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer",
         default=None,
-        help="existing tokenizer.json, AutoTokenizer directory or hub name (default: train a byte-level BPE)",
+        help="existing tokenizer.json, AutoTokenizer directory, hub name or .gguf model file, e.g. the model you "
+             "will train with --init-from (default: train a byte-level BPE)",
     )
     parser.add_argument(
         "--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="vocabulary size of the trained BPE (default: %(default)s)"

