@@ -188,3 +188,31 @@ def test_bad_input_is_refused_in_one_line_writing_nothing(pretrained, tmp_path, 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real_find_spec(name, *a))
     _refused(capsys, out, ["train", "--init-from", str(pretrained / "llama"), *data, "--set", "optim.trainable=lora",
                            "--out", str(out)], "optim.trainable=lora", "peft")
+
+
+@pytest.mark.parametrize("mode", ["shift", pytest.param("all", marks=pytest.mark.slow)])
+def test_two_processes_match_one_under_ddp_and_fsdp(pretrained, tmp_path, mode):
+    """torchrun with 2 processes (same global batch) gives the single process's final weights, DDP and FSDP2."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file as load
+
+    def run(strategy: str, nproc: int, batch: int) -> dict:
+        out = tmp_path / f"{strategy}-{nproc}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(29100 + nproc * 10 + len(strategy) + len(mode)), "-m", "kvshift", "train", "--init-from",
+               str(pretrained / "llama"), "--data", str(pretrained / "data"), *FAST, "--set",
+               f"distributed.strategy={strategy}", "--set", f"data.batch_size={batch}", "--set",
+               f"optim.trainable={mode}", "--set", "threads=1", "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return load(str(out / "final" / "model.safetensors"))
+
+    single = run("none", 1, 4)
+    for strategy in ("ddp", "fsdp"):
+        double = run(strategy, 2, 2)
+        # (a wrapped model's state dict names the tied lm_head too; it is the embedding)
+        assert set(single) <= set(double) and set(double) - set(single) <= {"lm_head.weight"}
+        assert max(float((single[k] - double[k]).abs().max()) for k in single) <= 1e-5, strategy
