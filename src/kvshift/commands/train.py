@@ -15,7 +15,8 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", default=None, help=f"one of {sorted(RECIPES)} (default: tiny)")
+    parser.add_argument("--recipe", default=None,
+                        help=f"one of {sorted(RECIPES)} (default: tiny; retrofit with --init-from)")
     parser.add_argument("--data", default=None, metavar="DIR",
                         help="prepared data folder (`kvshift data prepare`); sets data.source=prepared and "
                              "data.path=DIR (default: the recipe's)")
@@ -59,7 +60,9 @@ def resolve_config(args: argparse.Namespace):
             print(f"note: --resume uses the saved config of recipe {cfg.name!r}, not {args.recipe!r}",
                   file=sys.stderr)
     else:
-        cfg = get_recipe(args.recipe or "tiny")
+        init = getattr(args, "init_from", None) or any(o.partition("=")[0].strip() == "model.init_from"
+                                                        for o in args.overrides)
+        cfg = get_recipe(args.recipe or ("retrofit" if init else "tiny"))
     overrides = list(args.overrides)
     if getattr(args, "data", None) is not None:
         from ..paths import check_local_path

@@ -49,6 +49,21 @@ def stdlib_quick() -> TrainConfig:
     return cfg
 
 
+def retrofit() -> TrainConfig:
+    """The default with ``--init-from`` (a pretrained checkpoint of ~100M parameters on a CPU, or larger on a
+    GPU): the model is the checkpoint's, so only data and optimisation are set here. AdamW lr 1e-4 for the
+    pretrained weights and x100 (1e-2) for the shift scalars, which start at the identity and have far to go;
+    rows of 256 tokens, validation on a fixed sample of about 8k val tokens from every document."""
+    return TrainConfig(
+        name="retrofit",
+        model=ModelConfig(kv_shift=True, kv_shift_init="auto"),
+        data=DataConfig(source="prepared", path="data/stdlib", seq_len=256, batch_size=4, val_batch_size=4,
+                        val_tokens=8192, val_curve_tokens=4096),
+        optim=OptimConfig(lr=1e-4, shift_lr_mult=100.0, warmup_steps=3, weight_decay=0.1, schedule="cosine"),
+        steps=20, eval_every=10, log_every=1, ckpt_every=10, keep_checkpoints=1,
+    )
+
+
 def gpt2_small() -> TrainConfig:
     """GPT-2-small-class model (12 layers, d 768, 12 heads, T 1024) for a GPU; bring your own data."""
     return TrainConfig(
@@ -64,6 +79,7 @@ def gpt2_small() -> TrainConfig:
 
 RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "tiny": tiny, "stdlib-small": stdlib_small, "stdlib-quick": stdlib_quick, "gpt2-small": gpt2_small,
+    "retrofit": retrofit,
 }
 
 

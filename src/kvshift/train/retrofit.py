@@ -126,7 +126,8 @@ def check_model_fields(model_cfg: ModelConfig, config=None) -> None:
         if not same:
             raise ValueError(f"model.{name}={mine!r} would change the architecture of --init-from "
                              f"{model_cfg.init_from} (it has {name}={value!r}); with model.init_from the "
-                             "architecture comes from the checkpoint: drop that override")
+                             "architecture comes from the checkpoint: drop that override (from Python, call "
+                             "kvshift.train.retrofit.init_from_checkpoint(cfg) first)")
 
 
 def source_tokenizer(init_from: str):
