@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from kvshift.data import TokenDataset, prepare
 from kvshift.data.packing import documents_covered, validation_batches, validation_rows
