@@ -3,10 +3,12 @@
 One pass over memory: the shift, the rotary embedding (``HAS_ROPE``) and, with ``SDPA_LAYOUT``, the
 change from ``[B, T, H, D]`` to attention's ``[B, H, T, D]`` (instead of three passes: shift, RoPE,
 transpose). Registered as ``torch.library`` custom ops so that ``torch.compile(fullgraph=True)``
-traces them.
+traces them. ``x`` is read in place through its strides (e.g. a slice of a fused QKV projection), in
+forward and backward. On CUDA, large launches autotune ``BLOCK_T`` x ``num_warps`` (see ``_AUTOTUNE_KEY``).
 """
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -24,25 +26,35 @@ _MAX_TILE_ROPE = 2048
 
 @triton.jit
 def _load_x_and_pred(
-    X, KEEP, PREV, rows, cols, row_ok, col_ok, t, b, h, H, D,
+    X, KEEP, PREV, x_row, x_step, rows, cols, row_ok, col_ok, t, b, h, H, D,
     HAS_KEEP: tl.constexpr, HAS_PREV: tl.constexpr,
 ):  # fmt: skip
     """fp32 tiles ``(x, x_prev)`` of head ``h`` at ``rows x cols``; ``x_prev`` is the predecessor
-    exactly as the shift reads it (``prev`` at t == 0, zero there without it, zero where not kept)."""
-    row_stride = H * D
-    offs = rows[:, None] * row_stride + h * D + cols[None, :]
+    exactly as the shift reads it (``prev`` at t == 0, zero there without it, zero where not kept).
+
+    ``x_row``: offset of each token's head-``h`` vector in ``X`` (any batch, token and head strides);
+    ``x_step``: the distance from token t to token t - 1."""
+    offs = x_row[:, None] + cols[None, :]
     x = tl.load(X + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     # t == 0 never reads the row above it: that row belongs to the previous batch element.
     has_pred = row_ok & (t > 0)
-    xp = tl.load(X + offs - row_stride, mask=has_pred[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    xp = tl.load(X + offs - x_step, mask=has_pred[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     if HAS_PREV:
         first = row_ok & (t == 0)
-        p_offs = b[:, None].to(tl.int64) * row_stride + h * D + cols[None, :]
+        p_offs = b[:, None].to(tl.int64) * (H * D) + h * D + cols[None, :]
         xp += tl.load(PREV + p_offs, mask=first[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     if HAS_KEEP:
         keep = tl.load(KEEP + rows, mask=row_ok, other=0) != 0
         xp = tl.where(keep[:, None], xp, 0.0)  # where, not a multiply: a NaN must not leak
     return x, xp
+
+
+@triton.jit
+def _x_row(t, b_id, h, stride_xb, stride_xt, stride_xh, D: tl.constexpr):
+    """``(x_row, x_step)`` of :func:`_load_x_and_pred` from x's strides in units of ``D``: a multiple of
+    the compile-time ``D`` (vector loads, as for a contiguous x), in 64 bits."""
+    base = b_id.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    return (base + t.to(tl.int64) * stride_xt) * D, stride_xt * D
 
 
 @triton.jit
@@ -80,7 +92,7 @@ def _load_grad_shifted(
 
 @triton.jit
 def _kv_shift_fwd_kernel(
-    X,  # [B, T, H, D] contiguous
+    X,  # [B, T, H, D], strides stride_x* (x D), last dim contiguous
     W,  # [H, 2]: (current, previous)
     COS,  # [B, T, D] (any strides), read only when HAS_ROPE
     SIN,  # [B, T, D] (any strides), read only when HAS_ROPE
@@ -90,6 +102,9 @@ def _kv_shift_fwd_kernel(
     T,
     H,
     D: tl.constexpr,  # a compile-time head dim: its divisibility (e.g. 72 = 8 x 9) allows vector loads
+    stride_xb,  # x's batch, token and head strides, in units of D (its last dim has stride 1)
+    stride_xt,
+    stride_xh,
     stride_wh,
     stride_wc,
     stride_cb,
@@ -120,7 +135,10 @@ def _kv_shift_fwd_kernel(
     w0 = tl.load(W + h * stride_wh).to(tl.float32)
     w1 = tl.load(W + h * stride_wh + stride_wc).to(tl.float32)
 
-    x, xp = _load_x_and_pred(X, KEEP, PREV, rows, cols, row_ok, col_ok, t, b, h, H, D, HAS_KEEP, HAS_PREV)
+    x_row, x_step = _x_row(t, b_id, h, stride_xb, stride_xt, stride_xh, D)
+    x, xp = _load_x_and_pred(
+        X, KEEP, PREV, x_row, x_step, rows, cols, row_ok, col_ok, t, b, h, H, D, HAS_KEEP, HAS_PREV
+    )
     y = w0 * x + w1 * xp
     if HAS_ROPE:
         # rotate_half(s) = cat(-s2, s1): column c reads the shifted value at its partner column.
@@ -128,7 +146,7 @@ def _kv_shift_fwd_kernel(
         lo = cols < half
         pcols = tl.where(lo, cols + half, cols - half)
         x_p, xp_p = _load_x_and_pred(
-            X, KEEP, PREV, rows, pcols, row_ok, col_ok, t, b, h, H, D, HAS_KEEP, HAS_PREV
+            X, KEEP, PREV, x_row, x_step, rows, pcols, row_ok, col_ok, t, b, h, H, D, HAS_KEEP, HAS_PREV
         )
         s_p = w0 * x_p + w1 * xp_p
         cos = tl.load(
@@ -147,7 +165,7 @@ def _kv_shift_fwd_kernel(
 @triton.jit
 def _kv_shift_bwd_kernel(
     G,  # grad of y, laid out like Y (contiguous)
-    X,  # [B, T, H, D] contiguous
+    X,  # [B, T, H, D], strides stride_x* (x D), last dim contiguous
     W,  # [H, 2]
     COS,  # [B, T, D], read only when HAS_ROPE
     SIN,  # [B, T, D], read only when HAS_ROPE
@@ -159,6 +177,9 @@ def _kv_shift_bwd_kernel(
     T,
     H,
     D: tl.constexpr,  # a compile-time head dim: its divisibility (e.g. 72 = 8 x 9) allows vector loads
+    stride_xb,  # x's batch, token and head strides, in units of D (its last dim has stride 1)
+    stride_xt,
+    stride_xh,
     stride_wh,
     stride_wc,
     stride_cb,
@@ -212,7 +233,10 @@ def _kv_shift_bwd_kernel(
     tl.store(GX + x_offs, gx.to(GX.dtype.element_ty), mask=m)
 
     # Rebuild the predecessor exactly as the forward did, for grad_weight[h, 1].
-    x, xp = _load_x_and_pred(X, KEEP, PREV, rows, cols, row_ok, col_ok, t, b, h, H, D, HAS_KEEP, HAS_PREV)
+    x_row, x_step = _x_row(t, b_id, h, stride_xb, stride_xt, stride_xh, D)
+    x, xp = _load_x_and_pred(
+        X, KEEP, PREV, x_row, x_step, rows, cols, row_ok, col_ok, t, b, h, H, D, HAS_KEEP, HAS_PREV
+    )
     if HAS_PREV:
         # grad_prev[b] = w1 * ds[b, 0] * keep[b, 0], written by the program holding t == 0.
         if HAS_KEEP:
@@ -231,7 +255,7 @@ def _kv_shift_bwd_kernel(
 
 
 def _blocks(T: int, D: int, rope: bool) -> tuple[int, int]:
-    """``(BLOCK_T, BLOCK_D)``: tokens of one sequence per program and the padded head dim."""
+    """``(BLOCK_T, BLOCK_D)`` of the fixed config: tokens of one sequence per program and the padded head dim."""
     block_d = triton.next_power_of_2(max(D, 1))
     max_tile = _MAX_TILE_ROPE if rope else _MAX_TILE
     block_t = max(1, min(triton.next_power_of_2(max(T, 1)), max_tile // block_d))
@@ -239,10 +263,92 @@ def _blocks(T: int, D: int, rope: bool) -> tuple[int, int]:
 
 
 def _num_warps(x: torch.Tensor | torch.dtype, block_t: int, block_d: int) -> int:
-    """8 warps for full fp32 tiles (with 4 warps they need 146-168 registers per thread, measured by
-    ``kvshift bench kernels``), else 4."""
+    """Warps of the fixed config: 8 for full fp32 tiles (with 4 warps they need 146-168 registers per
+    thread, measured by ``kvshift bench kernels``), else 4."""
     dtype = x if isinstance(x, torch.dtype) else x.dtype
     return 8 if dtype.itemsize >= 4 and block_t * block_d >= _MAX_TILE_ROPE else 4
+
+
+# Autotuning (CUDA, compiled kernels, launches of at least _AUTOTUNE_MIN_ROWS (token, head) rows):
+# BLOCK_T x num_warps, keyed on the head dim, RoPE and (added by Triton's autotuner itself) the dtype of
+# every tensor argument. The interpreter, ahead-of-time compiles (``kvshift bench kernels``) and small
+# launches (tests, decode steps: tuning them measures launch latency and costs a compile per config) take
+# the fixed config of _blocks / _num_warps. KVSHIFT_TRITON_AUTOTUNE=0 turns autotuning off.
+_AUTOTUNE_BLOCK_T = (16, 32, 64)
+_AUTOTUNE_WARPS = (2, 4, 8)
+_AUTOTUNE_KEY = ["D", "HAS_ROPE"]
+_AUTOTUNE_MIN_ROWS = 1 << 16
+
+
+def _autotune_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_T": bt}, num_warps=w) for bt in _AUTOTUNE_BLOCK_T for w in _AUTOTUNE_WARPS]
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Configs whose tile holds at most as many elements per thread as the fixed config's largest 4-warp
+    tile (``_MAX_TILE`` / 128, half with RoPE), so no candidate is sure to spill; at least the one with
+    the fewest per thread."""
+    args = {**named_args, **kwargs}
+    max_tile = _MAX_TILE_ROPE if args["HAS_ROPE"] else _MAX_TILE
+    per_thread = {c: c.kwargs["BLOCK_T"] * args["BLOCK_D"] / (32 * c.num_warps) for c in configs}
+    kept = [c for c in configs if per_thread[c] <= max_tile / 128]
+    return kept or [min(configs, key=lambda c: (per_thread[c], c.kwargs["BLOCK_T"]))]
+
+
+def _autotuner(kernel: str):
+    """The autotuned forward (``"fwd"``) or backward (``"bwd"``) kernel, built on first use (after any
+    re-wrapping of the module's kernels). The backward's weight-gradient partials are the only output
+    that depends on the config (one slot per program, the number of programs depends on BLOCK_T): its
+    buffer starts at zero and is restored after every benchmark run, so the unused slots stay zero."""
+    tuned = _AUTOTUNERS.get(kernel)
+    if tuned is None:
+        fn = _kv_shift_fwd_kernel if kernel == "fwd" else _kv_shift_bwd_kernel
+        tuned = triton.autotune(
+            configs=_autotune_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs},
+            restore_value=["GW_PART"] if kernel == "bwd" else None,
+        )(fn)  # fmt: skip
+        _AUTOTUNERS[kernel] = tuned
+    return tuned
+
+
+_AUTOTUNERS: dict = {}
+
+
+def _autotune(x: torch.Tensor) -> bool:
+    """Whether a launch on ``x`` is autotuned (see ``_AUTOTUNE_KEY``)."""
+    from triton.runtime.jit import JITFunction
+
+    B, T, H, _ = x.shape
+    return (
+        x.is_cuda and B * T * H >= _AUTOTUNE_MIN_ROWS and isinstance(_kv_shift_fwd_kernel, JITFunction)
+        and isinstance(_kv_shift_bwd_kernel, JITFunction) and os.environ.get("KVSHIFT_TRITON_AUTOTUNE", "1") != "0"
+        and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    )  # fmt: skip
+
+
+def _config(x: torch.Tensor, rope: bool, config: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The launch config ``(BLOCK_T, num_warps)``: ``config`` when given, None (autotuned) when
+    :func:`_autotune` says so, else the fixed config of :func:`_blocks` and :func:`_num_warps`."""
+    if config is not None or _autotune(x):
+        return config
+    _, T, _, D = x.shape
+    block_t, block_d = _blocks(T, D, rope)
+    return block_t, _num_warps(x, block_t, block_d)
+
+
+def _launch(kernel: str, x: torch.Tensor, args: tuple, meta: dict, config: tuple[int, int] | None) -> None:
+    """Launch ``kernel`` over ``x``'s ``[B, T, H]`` with ``config = (BLOCK_T, num_warps)``, autotuned when None."""
+    B, T, H, _ = x.shape
+    if config is None:
+        _grid(B, T, H, 1)  # the batch limit
+        grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]), H, B)  # noqa: E731
+        with _device_ctx(x):
+            _autotuner(kernel)[grid](*args, **meta)
+        return
+    block_t, num_warps = config
+    fn = _kv_shift_fwd_kernel if kernel == "fwd" else _kv_shift_bwd_kernel
+    with _device_ctx(x):
+        fn[_grid(B, T, H, block_t)](*args, **meta, BLOCK_T=block_t, num_warps=num_warps)
 
 
 def _grid(B: int, T: int, H: int, block_t: int) -> tuple[int, int, int]:
@@ -262,6 +368,26 @@ def _keep_u8(keep: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         return x  # never read (HAS_KEEP=False); any pointer will do
     keep = keep.contiguous()
     return keep.view(torch.uint8) if keep.dtype == torch.bool else (keep != 0).view(torch.uint8)
+
+
+def _x_strides(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``x`` as the kernels read it, and its batch, token and head strides in units of ``D``.
+
+    No copy when the head dim has stride 1 and the other strides are multiples of ``D`` (a contiguous x,
+    a slice of a fused QKV projection viewed as ``[B, T, H, D]``, a transposed ``[B, H, T, D]``): the
+    kernels then still know at compile time that each head vector starts at a multiple of ``D``
+    (vector loads). Any other layout is copied once, to a contiguous tensor."""
+    B, T, H, D = x.shape
+    strides = []
+    for size, stride in zip((B, T, H), x.stride()[:3]):
+        if size == 1:
+            stride = 0  # never stepped over
+        elif D == 0 or stride % D:
+            break
+        strides.append(stride // D if D else 0)
+    if len(strides) == 3 and (D <= 1 or x.stride(3) == 1):
+        return x, tuple(strides)
+    return x.contiguous(), (T * H, H, 1)
 
 
 def _rope_args(
@@ -287,29 +413,33 @@ def _kv_shift_fwd(
     prev: torch.Tensor | None,
     sdpa_layout: bool,
     out: torch.Tensor | None = None,
+    config: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Launch the forward kernel; returns ``[B, H, T, D]`` (``sdpa_layout``) or ``[B, T, H, D]``,
     contiguous (``out`` when given).
 
     ``keep`` is ``[B, T]`` (True = may read the predecessor) or None; position 0 reads ``prev``
     (times ``keep[:, 0]``) when given, zero otherwise. RoPE is applied when ``cos``/``sin`` are given.
+    ``x`` is read in place (see :func:`_x_strides`). ``config = (BLOCK_T, num_warps)`` overrides the
+    launch config (tests); the outputs do not depend on it.
     """
-    x = x.contiguous()
     B, T, H, D = x.shape
     N = B * T
     y = x.new_empty(_out_shape(x, sdpa_layout)) if out is None else out
     if N == 0 or H == 0 or D == 0:
         return y
+    x, x_strides = _x_strides(x)
     cos_t, sin_t, cs_strides = _rope_args(cos, sin, x)
     prev_c = prev.contiguous() if prev is not None else x
-    block_t, block_d = _blocks(T, D, cos is not None)
-    with _device_ctx(x):
-        _kv_shift_fwd_kernel[_grid(B, T, H, block_t)](
-            x, weight, cos_t, sin_t, _keep_u8(keep, x), prev_c, y,
-            T, H, D, weight.stride(0), weight.stride(1), *cs_strides,
-            HAS_ROPE=cos is not None, HAS_KEEP=keep is not None, HAS_PREV=prev is not None,
-            SDPA_LAYOUT=sdpa_layout, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_num_warps(x, block_t, block_d),
-        )  # fmt: skip
+    config = _config(x, cos is not None, config)
+    _launch(
+        "fwd", x,
+        (x, weight, cos_t, sin_t, _keep_u8(keep, x), prev_c, y,
+         T, H, D, *x_strides, weight.stride(0), weight.stride(1), *cs_strides),
+        dict(HAS_ROPE=cos is not None, HAS_KEEP=keep is not None, HAS_PREV=prev is not None,
+             SDPA_LAYOUT=sdpa_layout, BLOCK_D=_blocks(T, D, cos is not None)[1]),
+        config,
+    )  # fmt: skip
     return y
 
 
@@ -325,18 +455,20 @@ def _kv_shift_bwd(
     grad_x: torch.Tensor | None = None,
     grad_prev: torch.Tensor | None = None,
     grad_weight_partial: torch.Tensor | None = None,
+    config: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernel; returns ``(grad_x, grad_weight, grad_prev)``.
 
-    ``grad_y`` is laid out like the forward's output; ``grad_prev`` is ``[B, H, D]`` (an empty tensor
-    when ``prev`` is None). The optional buffers let tests pass NaN-filled outputs
-    (``grad_weight_partial``: ``[B * cdiv(T, BLOCK_T), H, 2]`` fp32).
+    ``grad_y`` is laid out like the forward's output; ``x`` is read in place (any strides, as in the
+    forward); ``grad_x`` is contiguous; ``grad_prev`` is ``[B, H, D]`` (an empty tensor when ``prev`` is
+    None). The optional buffers let tests pass NaN-filled outputs (``grad_weight_partial``:
+    ``[B * cdiv(T, BLOCK_T), H, 2]`` fp32 for the fixed config, which a given buffer implies unless
+    ``config = (BLOCK_T, num_warps)`` names another).
     """
     grad_y = grad_y.contiguous()
-    x = x.contiguous()
     B, T, H, D = x.shape
     N = B * T
-    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if grad_x is None else grad_x
+    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if grad_x is None else grad_x
     if prev is None:  # no grad_prev to compute: an empty stand-in, no allocation or launch
         gp = x.new_empty(0)
     else:
@@ -344,20 +476,27 @@ def _kv_shift_bwd(
     if N == 0 or H == 0 or D == 0:
         gw = torch.zeros(H, 2, dtype=weight.dtype, device=weight.device)
         return gx.zero_(), gw, gp.zero_()
-    block_t, block_d = _blocks(T, D, cos is not None)
-    grid = _grid(B, T, H, block_t)
-    n_blocks = grid[0] * B
+    x, x_strides = _x_strides(x)
+    rope = cos is not None
+    if grad_weight_partial is not None and config is None:  # a given buffer is sized for the fixed config
+        config = _blocks(T, D, rope)[0], _num_warps(x, *_blocks(T, D, rope))
+    config = _config(x, rope, config)
     if grad_weight_partial is None:
-        grad_weight_partial = torch.empty(n_blocks, H, 2, dtype=torch.float32, device=x.device)
+        # One row per program. Autotuned: rows for the smallest BLOCK_T, zeroed, as a taller config's
+        # programs leave the trailing rows unwritten.
+        block_t = min(_AUTOTUNE_BLOCK_T) if config is None else config[0]
+        alloc = torch.empty if config is not None else torch.zeros
+        grad_weight_partial = alloc(B * triton.cdiv(T, block_t), H, 2, dtype=torch.float32, device=x.device)
     cos_t, sin_t, cs_strides = _rope_args(cos, sin, x)
     prev_c = prev.contiguous() if prev is not None else x
-    with _device_ctx(x):
-        _kv_shift_bwd_kernel[grid](
-            grad_y, x, weight, cos_t, sin_t, _keep_u8(keep, x), prev_c, gx, gp, grad_weight_partial,
-            T, H, D, weight.stride(0), weight.stride(1), *cs_strides,
-            HAS_ROPE=cos is not None, HAS_KEEP=keep is not None, HAS_PREV=prev is not None,
-            SDPA_LAYOUT=sdpa_layout, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_num_warps(x, block_t, block_d),
-        )  # fmt: skip
+    _launch(
+        "bwd", x,
+        (grad_y, x, weight, cos_t, sin_t, _keep_u8(keep, x), prev_c, gx, gp, grad_weight_partial,
+         T, H, D, *x_strides, weight.stride(0), weight.stride(1), *cs_strides),
+        dict(HAS_ROPE=rope, HAS_KEEP=keep is not None, HAS_PREV=prev is not None,
+             SDPA_LAYOUT=sdpa_layout, BLOCK_D=_blocks(T, D, rope)[1]),
+        config,
+    )  # fmt: skip
     gw = grad_weight_partial.sum(dim=0).to(weight.dtype)
     return gx, gw, gp
 
