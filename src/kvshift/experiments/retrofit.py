@@ -84,6 +84,7 @@ def _recipe(st: dict, data: str | None, seed: int, steps: int):
     cfg.seed, cfg.steps, cfg.progress, cfg.tensorboard = seed, steps, False, False
     cfg.ckpt_every = 0  # one checkpoint, at the end
     cfg.eval_every = max(1, steps // 8)
+    cfg.log_every = 1  # every step's loss: the arms' first steps are comparable (identity start = control)
     return cfg
 
 
@@ -145,11 +146,9 @@ def run_retrofit(quick: bool = False, out_dir: str | Path = "results/retrofit", 
 
     from tqdm.auto import tqdm
 
-    from ..report import atomic_write_text, mean_std, save_figure
     from ..train.config import config_to_dict
     from ..train.loop import load_datasets
-    from .common import prepare_lm_run, write_results
-    from .compare import METRICS, _p, paired_by_seed
+    from .common import prepare_lm_run
 
     out = Path(out_dir)
     prepare_lm_run(out, data, "retrofit")
@@ -191,49 +190,90 @@ def run_retrofit(quick: bool = False, out_dir: str | Path = "results/retrofit", 
             time.sleep(0.5)
     runs = {name: dict(sorted(per.items())) for name, per in runs.items()}
     wall = time.perf_counter() - t0
+    config = {"quick": quick, **st, "seeds": n_seeds, "workers": workers, "threads_per_worker": threads,
+              "continue_seed_offset": CONTINUE_SEED_OFFSET, "arms": [a.__dict__ for a in arms], "data": data,
+              "base_config": config_to_dict(base)}
+    return write_report(out, runs, movement, config, wall)
+
+
+def scratch_reference(runs: dict, compare_dir: str | Path = "results/compare") -> dict | None:
+    """The from-scratch gain at the pretraining length, paired by seed: `kvshift compare`'s KV (paper init)
+    minus vanilla val loss for the seeds whose vanilla run *is* this experiment's pretraining run (same
+    recipe and seed: equal val loss to 1e-6, checked). None when no such comparison was saved."""
+    import json
+
+    path = Path(compare_dir) / "results.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())["runs"]
+    if "vanilla" not in saved or "kvshift" not in saved:
+        return None
+    van = {r["seed"]: r["val_loss"] for r in saved["vanilla"]}
+    kv = {r["seed"]: r["val_loss"] for r in saved["kvshift"]}
+    seeds = [s for s, r in runs["pretrained"].items() if s in van and s in kv and abs(van[s] - r["val_loss"]) <= 1e-6]
+    if not seeds:
+        return None
+    from .compare import paired_by_seed
+
+    ref = paired_by_seed({s: {"metric": van[s]} for s in seeds}, {s: {"metric": kv[s]} for s in seeds},
+                         lower_is_better=True)
+    return {**ref, "seeds": seeds, "source": str(path)}
+
+
+def write_report(out: Path, runs: dict, movement: dict, config: dict, wall: float) -> dict:
+    """``results.{json,md}``, ``config.json`` and ``retrofit.png`` from the runs (also to redraw a saved run)."""
+    from ..report import atomic_write_text, mean_std, save_figure
+    from .common import write_results
+    from .compare import METRICS, _p, paired_by_seed
+
+    st, base = config, config["base_config"]
+    runs = {name: {int(s): r for s, r in per.items()} for name, per in runs.items()}
+    n_seeds = len(runs["pretrained"])
+    movement = {name: {int(s): r for s, r in per.items()} for name, per in movement.items()}
 
     def metric(name: str, key: str = "val_loss") -> dict:
         return {s: {"metric": r[key]} for s, r in runs[name].items()}
 
-    names = [a.name for a in arms] + [SCRATCH]
+    names = [a["name"] for a in config["arms"]] + [SCRATCH]
     rows = []
     for name in ["pretrained", *names]:
         for key, label in METRICS:
             m, s = mean_std([r[key] for r in runs[name].values()])
-            kv = name != CONTROL and name != "pretrained"
-            rows.append({"model": name, "layers": base.model.num_hidden_layers, "kv_shift": kv, "metric": label,
-                         "mean": m, "std": s, "seeds": len(runs[name])})
+            kv = name not in (CONTROL, "pretrained")
+            rows.append({"model": name, "layers": base["model"]["num_hidden_layers"], "kv_shift": kv,
+                         "metric": label, "mean": m, "std": s, "seeds": len(runs[name])})
     paired = {name: {key: paired_by_seed(metric(CONTROL, key), metric(name, key), lower_is_better=True)
                      for key, _ in METRICS} for name in names if name != CONTROL}
     moved = {name: {"mean_max_move": sum(r["max_move"] for rs in per.values() for r in rs) /
                     max(1, sum(len(rs) for rs in per.values())),
                     "largest_move": max((r["max_move"] for rs in per.values() for r in rs), default=0.0)}
              for name, per in movement.items()}
-    scratch_gain = paired[SCRATCH]["val_loss"]
+    reference = scratch_reference(runs)
     best = min((n for n in paired if n != SCRATCH), key=lambda n: paired[n]["val_loss"]["diff"])
-    tokens = base.data.batch_size * base.data.seq_len
-    verdict = _verdict(paired, best, scratch_gain)
+    tokens = base["data"]["batch_size"] * base["data"]["seq_len"]
+    verdict = _verdict(paired, best, reference)
     notes = [
         f"per seed: {st['recipe']} vanilla pretrained {st['pretrain']} steps ({st['pretrain'] * tokens:,} tokens; "
-        f"lr {base.optim.lr}), then continued {st['continue']} steps in every arm from that checkpoint (lr "
-        f"{st['continue_lr']}, warm-up {base.optim.warmup_steps}, cosine; one data order per seed, the same in "
-        f"every arm); {SCRATCH}: KV shift (paper init) from scratch for {2 * st['pretrain']} steps (lr "
-        f"{base.optim.lr}); {n_seeds} seeds",
-        "validation: the whole val split" if base.data.val_tokens == 0 else
-        f"validation: a fixed sample of about {base.data.val_tokens:,} val tokens from every document",
+        f"lr {base['optim']['lr']}), then continued {st['continue']} steps in every arm from that checkpoint (lr "
+        f"{st['continue_lr']}, warm-up {base['optim']['warmup_steps']}, cosine; one data order per seed, the same "
+        f"in every arm); {SCRATCH}: KV shift (paper init) from scratch for {2 * st['pretrain']} steps (lr "
+        f"{base['optim']['lr']}, its own cosine schedule: a different schedule from pretrain + continuation, so "
+        f"its difference to the control is not the shift's alone); {n_seeds} seeds",
+        "validation: the whole val split" if base["data"]["val_tokens"] == 0 else
+        f"validation: a fixed sample of about {base['data']['val_tokens']:,} val tokens from every document",
         *(f"{n} - {CONTROL}: {p['val_loss']['diff']:+.4f} +- {p['val_loss']['diff_std']:.4f} nats (t p "
           f"{_p(p['val_loss']['p_t'])}, sign-flip p {_p(p['val_loss']['p_signflip'])}; lower in "
           f"{p['val_loss']['better_in']} of {p['val_loss']['pairs']})" for n, p in paired.items()),
         *(f"{n}: shift weights moved {m['mean_max_move']:.4f} on average (largest move of a head's four weights), "
           f"at most {m['largest_move']:.4f}" for n, m in moved.items()),
         verdict,
-        f"total wall time {wall:.0f} s ({workers} processes of {threads} thread(s), seeds in parallel)",
+        f"total wall time {wall:.0f} s ({config.get('workers', 1)} processes of {config.get('threads_per_worker', 1)} "
+        "thread(s), seeds in parallel)",
     ]
-    config = {"quick": quick, "seeds": n_seeds, **st, "workers": workers, "threads_per_worker": threads, "continue_seed_offset": CONTINUE_SEED_OFFSET,
-              "arms": [a.__dict__ for a in arms], "data": data, "base_config": config_to_dict(base)}
     payload = write_results(out, "retrofit", rows, config,
-                            extra={"paired": paired, "shift_movement": movement, "moved": moved, "verdict": verdict,
-                                   "runs": runs, "wall_seconds": wall, "notes": notes})
+                            extra={"paired": paired, "scratch_reference": reference, "shift_movement": movement,
+                                   "moved": moved, "verdict": verdict, "runs": runs, "wall_seconds": wall,
+                                   "notes": notes})
     md = (out / "results.md").read_text()
     md += f"\n## Paired differences against the vanilla continuation ({CONTROL}), same seed\n\n" \
           "| arm | metric | mean diff | std | t-test p | sign-flip p | lower in |\n|---|---|---|---|---|---|---|\n"
@@ -244,7 +284,7 @@ def run_retrofit(quick: bool = False, out_dir: str | Path = "results/retrofit", 
                    f"{_p(s['p_signflip'])} | {s['better_in']} of {s['pairs']} |\n")
     md += "\n## Per seed (final val loss)\n\n| seed | pretrained | " + " | ".join(names) + " |\n|" + \
         "---|" * (len(names) + 2) + "\n"
-    for s in range(n_seeds):
+    for s in sorted(runs["pretrained"]):
         md += f"| {s} | {runs['pretrained'][s]['val_loss']:.4f} | " + \
             " | ".join(f"{runs[n][s]['val_loss']:.4f}" for n in names) + " |\n"
     md += "\n## Shift weights after the continuation (per layer and KV head; seed 0)\n\n" \
@@ -255,24 +295,31 @@ def run_retrofit(quick: bool = False, out_dir: str | Path = "results/retrofit", 
             md += (f"| {name} | {r['layer']} | {r['head']} | {r['alpha1']:.4f} | {r['alpha2']:.4f} | "
                    f"{r['beta1']:.4f} | {r['beta2']:.4f} | {r['max_move']:.4f} |\n")
     atomic_write_text(out / "results.md", md)
-    save_figure(plot_retrofit(runs, paired, movement, st), out / "retrofit.png")
+    save_figure(plot_retrofit(runs, paired, movement, st, reference), out / "retrofit.png")
     return payload
 
 
-def _verdict(paired: dict, best: str, scratch: dict) -> str:
+def _verdict(paired: dict, best: str, reference: dict | None) -> str:
     b = paired[best]["val_loss"]
-    gain = scratch["diff"]
     sig = b["p_signflip"] is not None and b["p_signflip"] <= 0.05 and b["diff"] < 0
-    share = b["diff"] / gain if gain < 0 else float("nan")
-    recovered = ("recovers" if gain < 0 and b["diff"] <= gain else
-                 f"recovers {share:.0%} of" if gain < 0 and b["diff"] < 0 else "does not recover")
-    return (f"best retrofit arm: {best}, {b['diff']:+.4f} nats against the vanilla continuation "
-            f"({'significant' if sig else 'not significant'}, sign-flip p {b['p_signflip']}); the from-scratch KV "
-            f"model is {gain:+.4f} against the same control: the retrofitted shift {recovered} the from-scratch "
-            "difference")
+    text = (f"best retrofit arm: {best}, {b['diff']:+.4f} nats against the vanilla continuation "
+            f"({'significant' if sig else 'not significant'}: sign-flip p {b['p_signflip']:.2g}, lower in "
+            f"{b['better_in']} of {b['pairs']})")
+    if reference is None:
+        return text + "; no from-scratch comparison at the pretraining length was found (run `kvshift compare`)"
+    gain = reference["diff"]
+    if gain < 0 and b["diff"] <= gain:
+        share = "recovers all of"
+    elif gain < 0 and b["diff"] < 0:
+        share = f"recovers {b['diff'] / gain:.0%} of"
+    else:
+        share = "does not recover"
+    return (text + f"; from scratch, KV shifting is {gain:+.4f} +- {reference['diff_std']:.4f} nats against vanilla "
+            f"at {len(reference['seeds'])} of these seeds' pretraining length (`kvshift compare`, the same vanilla "
+            f"runs): the retrofitted shift {share} the from-scratch gain")
 
 
-def plot_retrofit(runs: dict, paired: dict, movement: dict, st: dict):
+def plot_retrofit(runs: dict, paired: dict, movement: dict, st: dict, reference: dict | None = None):
     """Left: val curves (continuation arms from the pretraining step on; the from-scratch reference over
     its whole run). Middle: paired final difference to the control per arm. Right: shift-weight moves."""
     import numpy as np
@@ -303,6 +350,10 @@ def plot_retrofit(runs: dict, paired: dict, movement: dict, st: dict):
     errs = [paired[n]["val_loss"]["diff_std"] for n in names]
     bx.barh(names, diffs, xerr=errs, color=["C3" if n == SCRATCH else "C0" for n in names])
     bx.axvline(0, color="k", lw=0.8)
+    if reference is not None:
+        bx.axvline(reference["diff"], color="C3", ls="--", lw=1,
+                   label=f"from scratch, KV - vanilla at {st['pretrain']} steps ({reference['diff']:+.3f})")
+        bx.legend(fontsize=7, loc="lower left")
     bx.set_xlabel(f"final val loss - {CONTROL} (nats; mean ± std over seeds)")
     bx.set_title("paired by seed (left of 0: lower than the control)")
     bx.grid(alpha=0.3, axis="x")
