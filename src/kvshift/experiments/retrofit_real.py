@@ -187,6 +187,21 @@ def run_retrofit_real(quick: bool = False, out_dir: str | Path = "results/retrof
     return payload
 
 
+def redraw(out_dir: str | Path = "results/retrofit-real") -> None:
+    """Redraw ``retrofit-real.png`` from a saved ``results.json`` (and the converted model's config)."""
+    import json
+
+    from ..models import KVShiftConfig
+    from ..report import save_figure
+
+    out = Path(out_dir)
+    saved = json.loads((out / "results.json").read_text())
+    runs = {arm: {int(s): r for s, r in per.items()} for arm, per in saved["runs"].items()}
+    weights = {int(s): rows for s, rows in saved["shift_weights"].items()}
+    conf = KVShiftConfig.from_pretrained(out / "runs" / "source")
+    save_figure(_plot(runs, weights, conf), out / "retrofit-real.png")
+
+
 def _plot(runs: dict, weights: dict, conf):
     import numpy as np
 
@@ -194,14 +209,18 @@ def _plot(runs: dict, weights: dict, conf):
 
     plt = get_pyplot()
     fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(16, 4.4))
-    for arm in REAL_ARMS:
-        curves = np.array([r["train_loss"] for r in runs[arm].values()])
-        ax.plot(np.arange(1, curves.shape[1] + 1), curves.mean(0), marker="o", ms=2.5, label=arm)
+    a = np.array([r["train_loss"] for r in runs["shift"].values()])
+    b = np.array([r["train_loss"] for r in runs["shift-current"].values()])
+    steps = np.arange(1, a.shape[1] + 1)
+    for i, d in enumerate(a - b):
+        ax.plot(steps, d, color="C0", alpha=0.35, lw=0.8, label="per seed" if i == 0 else None)
+    ax.plot(steps, (a - b).mean(0), color="C0", marker="o", ms=3, label="mean over seeds")
+    ax.axhline(0, color="k", lw=0.8)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (mean over seeds)")
-    ax.set_title("training loss (same batches in both arms)")
+    ax.set_ylabel("training loss: shift - shift-current (nats)")
+    ax.set_title("same batch, both arms (below 0: the shift arm lower)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     seeds = sorted(runs[UNTOUCHED])
     width = 0.8 / len(REAL_ARMS)
     for i, arm in enumerate(REAL_ARMS):
@@ -210,7 +229,7 @@ def _plot(runs: dict, weights: dict, conf):
     bx.axhline(0, color="k", lw=0.8)
     bx.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds])
     bx.set_ylabel("final val loss - untouched model (nats)")
-    bx.set_title("paired by seed (below 0: better than the untouched model)")
+    bx.set_title("final val loss vs the untouched model, by seed", fontsize=9)
     bx.grid(alpha=0.3, axis="y")
     bx.legend()
     if weights:
@@ -225,7 +244,7 @@ def _plot(runs: dict, weights: dict, conf):
                       [f"v{h}" for h in range(conf.num_key_value_heads)])
         cx.set_ylabel("layer")
         cx.set_yticks(range(0, conf.num_hidden_layers, max(1, conf.num_hidden_layers // 10)))
-        cx.set_title("learned previous-token weights alpha2 (k), beta2 (v); seed 0")
+        cx.set_title("learned alpha2 (k prev), beta2 (v prev); seed 0", fontsize=9)
         fig.colorbar(im, ax=cx)
     fig.tight_layout()
     return fig
