@@ -96,7 +96,9 @@ def test_roundtrip_keeps_cached_generation(tmp_path):
 def test_load_in_bfloat16(tmp_path):
     model = save_tiny(tmp_path, with_tokenizer=False)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    # every weight in bf16 but the shift scalars, kept fp32 (a bf16 weight of 1 cannot take a 1e-4 step)
+    assert all(p.dtype == (torch.float32 if n.endswith(("k_shift", "v_shift")) else torch.bfloat16)
+               for n, p in loaded.named_parameters())
     ids = torch.randint(3, 320, (1, 9))
     assert (logits(loaded, ids).float() - logits(model, ids)).abs().max() < 0.1
 
