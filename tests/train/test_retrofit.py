@@ -216,3 +216,18 @@ def test_two_processes_match_one_under_ddp_and_fsdp(pretrained, tmp_path, mode):
         # (a wrapped model's state dict names the tied lm_head too; it is the embedding)
         assert set(single) <= set(double) and set(double) - set(single) <= {"lm_head.weight"}
         assert max(float((single[k] - double[k]).abs().max()) for k in single) <= 1e-5, strategy
+
+
+def test_per_layer_shift_of_a_kvshift_checkpoint_is_kept(tmp_path):
+    from builders import tiny_model
+
+    from kvshift.train.recipes import get_recipe
+    from kvshift.train.retrofit import init_from_checkpoint, load_start_model
+
+    src = tiny_model(seed=0, kv_shift=[True, False])
+    src.save_pretrained(tmp_path / "kv")
+    model, _ = load_start_model(init_from_checkpoint(get_recipe("tiny"), str(tmp_path / "kv")))
+    assert model.config.kv_shift == [True, False]
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        assert (model.eval()(ids).logits - src.eval()(ids).logits).abs().max() <= 1e-6

@@ -206,7 +206,9 @@ def load_start_model(cfg: TrainConfig, device_type: str = "cpu"):
     fields = src_config.to_dict()
     for key in ("architectures", "transformers_version", "model_type", "auto_map", "dtype", "torch_dtype"):
         fields.pop(key, None)
-    fields.update(kv_shift=m.kv_shift, kv_shift_init=_shift_init(m), kv_shift_parametrization=m.kv_shift_parametrization,
+    # a kvshift checkpoint with the shift in some layers only keeps its per-layer choice
+    layers = src_config.kv_shift if m.kv_shift and isinstance(src_config.kv_shift, list) else m.kv_shift
+    fields.update(kv_shift=layers, kv_shift_init=_shift_init(m), kv_shift_parametrization=m.kv_shift_parametrization,
                   attn_implementation=attention_for_device(m.attn_implementation, device_type))
     src_has_shift = any(is_shift_parameter(n) for n, _ in source.named_parameters())
     if src_has_shift and m.kv_shift and src_config.kv_shift_parametrization != m.kv_shift_parametrization:
