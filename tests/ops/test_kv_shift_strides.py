@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton")
 
 from kvshift.ops.kv_shift import triton as kernels  # noqa: E402
 from kvshift.ops.kv_shift.reference import kv_shift_ref  # noqa: E402
-from kvshift.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq  # noqa: E402
+from kvshift.ops.rope import apply_rope  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -42,18 +42,11 @@ def _strided(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def _inputs(shape, dtype, *, rope, with_keep, with_prev, seed=0):
-    B, T, H, D = shape
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, T, H, D, generator=g).to(DEVICE, dtype)
-    w = torch.randn(H, 2, generator=g).to(DEVICE, dtype)
-    prev = torch.randn(B, H, D, generator=g).to(DEVICE, dtype) if with_prev else None
-    keep = (torch.rand(B, T, generator=g) > 0.3).to(DEVICE) if with_keep else None
-    cos = sin = None
-    if rope:
-        pos = torch.randint(0, 100, (B, T), generator=g).to(DEVICE)
-        cos, sin = rope_cos_sin(pos, rope_inv_freq(D, 10000.0, DEVICE), dtype)
-    gy = torch.randn(B, H, T, D, generator=g).to(DEVICE, dtype)
-    return x, w, cos, sin, keep, prev, gy
+    """The fused-kernel tests' inputs (the same draws), as plain tensors: these tests lay x out themselves."""
+    from test_kv_shift_rope_triton import _inputs as rope_inputs
+
+    drawn = rope_inputs(shape, dtype, rope=rope, with_keep=with_keep, with_prev=with_prev, seed=seed)
+    return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in drawn)
 
 
 def _rope_reference(x, w, cos, sin, keep, prev):
