@@ -74,12 +74,14 @@ def _in_process_engine():
 
 @contextlib.contextmanager
 def _watch_scheduler(stats: dict):
-    """Count preemptions, the most requests running at once and the prompt tokens served from the prefix
-    cache (summed over the scheduler's cache lookups) in vLLM's v1 scheduler."""
+    """Count preemptions, the most requests running at once, the prompt tokens served from the prefix
+    cache (summed over the scheduler's cache lookups) and, under speculative decoding, the draft tokens
+    proposed and accepted, in vLLM's v1 scheduler."""
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.scheduler import Scheduler
 
     preempt, schedule, lookup = Scheduler._preempt_request, Scheduler.schedule, KVCacheManager.get_computed_blocks
+    spec = Scheduler.make_spec_decoding_stats
 
     def counting_preempt(self, *args, **kwargs):
         stats["preemptions"] += 1
@@ -95,23 +97,31 @@ def _watch_scheduler(stats: dict):
         stats["prefix_cached_tokens"] += int(found[1])
         return found
 
+    def counting_spec(self, spec_stats, num_draft_tokens, num_accepted_tokens, *args, **kwargs):
+        stats["draft_tokens"] += int(num_draft_tokens)
+        stats["accepted_tokens"] += int(num_accepted_tokens)
+        stats["rejected_steps"] += int(num_accepted_tokens < num_draft_tokens)
+        return spec(self, spec_stats, num_draft_tokens, num_accepted_tokens, *args, **kwargs)
+
     Scheduler._preempt_request, Scheduler.schedule = counting_preempt, watching_schedule
-    KVCacheManager.get_computed_blocks = counting_lookup
+    KVCacheManager.get_computed_blocks, Scheduler.make_spec_decoding_stats = counting_lookup, counting_spec
     try:
         yield stats
     finally:
         Scheduler._preempt_request, Scheduler.schedule = preempt, schedule
-        KVCacheManager.get_computed_blocks = lookup
+        KVCacheManager.get_computed_blocks, Scheduler.make_spec_decoding_stats = lookup, spec
 
 
 def vllm_greedy(model_dir: str, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 **engine_kwargs) -> tuple[list[list[int]], dict]:
     """Greedy continuations from vLLM's offline engine (fp32, eager, no prefix caching), and stats:
-    ``preemptions``, ``max_running``, ``prefix_cached_tokens``, ``seconds`` (generation only) and
-    ``load_seconds``.
+    ``preemptions``, ``max_running``, ``prefix_cached_tokens``, ``draft_tokens`` / ``accepted_tokens`` /
+    ``rejected_steps`` (speculative decoding: drafts proposed, drafts accepted, verify steps that rejected
+    at least one draft), ``seconds`` (generation only) and ``load_seconds``.
 
     ``engine_kwargs`` go to ``vllm.LLM`` (``max_num_seqs``, ``max_num_batched_tokens``,
-    ``enable_chunked_prefill``, ``num_gpu_blocks_override``, ``block_size``, ...)."""
+    ``enable_chunked_prefill``, ``num_gpu_blocks_override``, ``block_size``, ``speculative_config``,
+    ``tensor_parallel_size``, ...)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -121,7 +131,8 @@ def vllm_greedy(model_dir: str, prompts: Sequence[Sequence[int]], max_new_tokens
     kwargs = dict(dtype="float32", max_model_len=config.max_position_embeddings, enforce_eager=True, seed=0,
                   enable_prefix_caching=False, skip_tokenizer_init=True)
     kwargs.update(engine_kwargs)
-    stats = {"preemptions": 0, "max_running": 0, "prefix_cached_tokens": 0}
+    stats = {"preemptions": 0, "max_running": 0, "prefix_cached_tokens": 0, "draft_tokens": 0, "accepted_tokens": 0,
+             "rejected_steps": 0}
     with _in_process_engine(), _watch_scheduler(stats):
         t0 = time.perf_counter()
         llm = LLM(model=str(model_dir), **kwargs)

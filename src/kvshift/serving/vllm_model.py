@@ -22,7 +22,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from vllm.config import CacheConfig, ModelConfig, VllmConfig, get_current_vllm_config
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.distributed import (
+    get_pp_group,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -40,9 +44,10 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from vllm.model_executor.models.llama import LlamaMLP
+from vllm.platforms import current_platform
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
-__all__ = ["KVShiftForCausalLM", "KVShiftState", "check_servable"]
+__all__ = ["KVShiftForCausalLM", "KVShiftState", "check_servable", "kv_head_shard", "shift_decode_speculative"]
 
 SHIFT_WINDOW = 2  # tokens each shifted row sees: the current one and its predecessor
 
@@ -90,15 +95,69 @@ def _shift_layers(config) -> list[bool]:
     return flags if any(flags) else [True] + [False] * (len(flags) - 1)
 
 
-def _state_width(config) -> int:
-    return 2 * config.num_key_value_heads * config.head_dim  # the raw K row and the raw V row
+def kv_head_shard(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """``(first, count)``: the KV heads one tensor-parallel rank holds, as vLLM's ``QKVParallelLinear``
+    shards them: ``total / tp`` heads each when there are at least as many KV heads as ranks, else one
+    head, replicated over ``tp / total`` consecutive ranks. The shift weights of a head go with it."""
+    if total_kv_heads >= tp_size:
+        if total_kv_heads % tp_size:
+            raise ValueError(f"num_key_value_heads={total_kv_heads} must be divisible by "
+                             f"tensor_parallel_size={tp_size}")
+        count = total_kv_heads // tp_size
+        return tp_rank * count, count
+    if tp_size % total_kv_heads:
+        raise ValueError(f"tensor_parallel_size={tp_size} must be a multiple of num_key_value_heads={total_kv_heads}")
+    return tp_rank // (tp_size // total_kv_heads), 1
+
+
+def _state_width(config, tp_size: int = 1) -> int:
+    """Channels of one rank's shift state: its raw K row and its raw V row."""
+    _, heads = kv_head_shard(config.num_key_value_heads, tp_size, 0)
+    return 2 * heads * config.head_dim
+
+
+def _state_shape(width: int, num_spec: int) -> tuple[tuple[int, int]]:
+    """vLLM's short-conv state shape for ``width`` channels of this rank (already sharded): the last raw
+    row, plus one row per speculative token so that a verify step can be rolled back."""
+    return MambaStateShapeCalculator.short_conv_state_shape(tp_world_size=1, intermediate_size=width,
+                                                            conv_kernel=SHIFT_WINDOW, num_spec=num_spec)
+
+
+def shift_decode_speculative(rows: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor,
+                             num_accepted: torch.Tensor, query_start_loc: torch.Tensor) -> torch.Tensor:
+    """The shift of the decode rows of a speculative (verify) step, with vLLM's short-conv state rollback,
+    in PyTorch (vLLM's CPU build has no speculative ``causal_conv1d_update``; its Triton kernel does the
+    same on GPUs).
+
+    ``rows`` ``[tokens, width]``: request ``i``'s tokens are ``rows[query_start_loc[i]:query_start_loc[i+1]]``
+    (its last sampled token, then its draft tokens). ``state`` ``[slots, width, 1 + num_spec]``: column
+    ``j`` of a request's slot holds the raw row of the ``j``-th token the previous step fed it, so the
+    predecessor of its first token is column ``num_accepted[i] - 1`` (the last token that step accepted).
+    This step writes its own raw rows into columns ``0 .. len - 1``. ``weight`` ``[width, 2]`` is
+    (previous, current) per channel."""
+    lengths = query_start_loc[1:] - query_start_loc[:-1]
+    request = torch.repeat_interleave(torch.arange(len(lengths), device=rows.device), lengths)
+    n = request.numel()
+    rows = rows[:n]
+    column = torch.arange(n, device=rows.device) - query_start_loc[:-1][request]
+    prev = torch.empty_like(rows)
+    prev[1:] = rows[:-1]
+    first = column == 0
+    carried = state[slots.long(), :, (num_accepted - 1).long()].to(rows.dtype)  # [requests, width]
+    prev[first] = carried[request[first]]
+    out = torch.addcmul(prev * weight[:, 0], rows, weight[:, 1])
+    state[slots.long()[request], :, column] = rows.to(state.dtype)
+    return out
 
 
 class KVShiftState(MambaBase, nn.Module):
-    """The window-2 shift of one layer's raw ``[tokens, K | V]`` rows, with the per-request state.
+    """The window-2 shift of one layer's raw ``[tokens, K | V]`` rows, with the per-request state, written
+    through vLLM's short-convolution machinery: a width-2 depthwise causal convolution over the K|V
+    channels, the state layout, metadata builder and state copy of vLLM's ``ShortConv`` (LFM2).
 
-    ``weight`` ``[2, K|V channels]`` holds the effective (current, previous) weight of every channel (a KV
-    head's pair repeated over its ``head_dim`` channels); the state of a request is its last raw row.
+    ``weight`` ``[K|V channels, 2]`` holds the effective (previous, current) weight of every channel of this
+    rank (a KV head's pair repeated over its ``head_dim`` channels), in the convolution's order; the state of
+    a request is its last raw row (plus one row per speculative token).
     """
 
     def __init__(self, width: int, model_config: ModelConfig | None, cache_config: CacheConfig | None,
@@ -108,22 +167,17 @@ class KVShiftState(MambaBase, nn.Module):
         self.prefix = prefix
         self.model_config, self.cache_config = model_config, cache_config
         vllm_config = get_current_vllm_config()
-        self.num_spec = vllm_config.num_speculative_tokens
-        if self.num_spec:
-            raise ValueError("kvshift's vLLM model does not support speculative decoding yet "
-                             "(num_speculative_tokens must be 0)")
+        self.num_spec = vllm_config.num_speculative_tokens or 0
         context = vllm_config.compilation_config.static_forward_context
         if prefix in context:
             raise ValueError(f"duplicate layer name: {prefix}")
         context[prefix] = self  # vLLM finds the state layers (and binds their cache) through this table
         self.kv_cache = (torch.tensor([]),)
-        self.register_buffer("weight", torch.zeros(2, width), persistent=False)
+        self.register_buffer("weight", torch.zeros(width, SHIFT_WINDOW), persistent=False)
 
     # -- what vLLM's state cache needs to know -------------------------------------------------------
     def get_state_shape(self):
-        return MambaStateShapeCalculator.short_conv_state_shape(
-            tp_world_size=get_tensor_model_parallel_world_size(), intermediate_size=self.width,
-            conv_kernel=SHIFT_WINDOW, num_spec=self.num_spec)
+        return _state_shape(self.width, self.num_spec)
 
     def get_state_dtype(self):
         return MambaStateDtypeCalculator.short_conv_state_dtype(self.model_config.dtype,
@@ -135,62 +189,96 @@ class KVShiftState(MambaBase, nn.Module):
 
     # -- the shift ---------------------------------------------------------------------------------
     def _states(self) -> torch.Tensor:
-        """``[slots, width]``: a view of the state cache (one raw row per slot)."""
+        """``[slots, width, state_len]``: the state cache in the convolution kernels' (dim-first) view."""
         state = self.kv_cache[0]
-        state = state if is_conv_state_dim_first() else state.transpose(-1, -2)  # [slots, width, 1]
-        return state[..., 0]
+        return state if is_conv_state_dim_first() else state.transpose(-1, -2)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """Shifted ``[tokens, width]`` rows. vLLM's flat batch holds the decode tokens first (one per
-        request), then the prefill tokens of each request in order; padding rows at the end are left
-        unshifted."""
-        w_cur, w_prev = self.weight[0].to(rows.dtype), self.weight[1].to(rows.dtype)
+        request, or the last token plus the drafts of a speculative step), then the prefill tokens of each
+        request in order; padding rows at the end are left unshifted."""
         meta = get_forward_context().attn_metadata
         meta = meta.get(self.prefix) if isinstance(meta, dict) else None
         if meta is None:  # the profile run: no requests, no state
-            return rows * w_cur
-        states = self._states()
+            return rows * self.weight[:, 1].to(rows.dtype)
+        state = self._states()
+        weight = self.weight.to(state.dtype)
         n_dec, n_pre = meta.num_decode_tokens, meta.num_prefill_tokens
-        n = n_dec + n_pre
-        prev = torch.zeros_like(rows[:n])
-        if n_dec:
-            slots_d = meta.state_indices_tensor_d[:n_dec, 0].long()
-            prev[:n_dec] = states[slots_d].to(rows.dtype)
-        if n_pre:
-            starts = meta.query_start_loc_p.long()  # [prefills + 1], offsets within the prefill tokens
-            slots_p = meta.state_indices_tensor_p.flatten().long()
-            lengths = starts[1:] - starts[:-1]
-            prev[n_dec + 1:n] = rows[n_dec:n - 1]  # within a request: the row before
-            carried = states[slots_p].to(rows.dtype)
-            carried = torch.where(meta.has_initial_states_p[:, None], carried, torch.zeros_like(carried))
-            live = lengths > 0  # a request may get no tokens in a step
-            prev[n_dec + starts[:-1][live]] = carried[live]  # a request's first row: its state (or zero)
         out = rows.clone()
-        out[:n] = torch.addcmul(prev * w_prev, rows[:n], w_cur)  # the Hugging Face model's arithmetic
-        # the raw last row of every request is its next predecessor
-        if n_dec:
-            states[slots_d] = rows[:n_dec].to(states.dtype)
-        if n_pre:
-            states[slots_p[live]] = rows[n_dec + starts[1:][live] - 1].to(states.dtype)
+        if current_platform.is_cpu():
+            self._forward_cpu(rows, out, state, weight, meta, n_dec, n_pre)
+        else:
+            self._forward_triton(rows, out, state, weight, meta, n_dec, n_pre)
         return out
+
+    def _forward_cpu(self, rows, out, state, weight, meta, n_dec, n_pre) -> None:
+        from vllm.model_executor.layers.mamba.ops.cpu.causal_conv1d import (
+            causal_conv1d_fn_cpu,
+            causal_conv1d_update_cpu,
+            causal_conv1d_update_torch,
+        )
+        from vllm.platforms import CpuArchEnum
+
+        if n_pre:
+            x = rows[n_dec:n_dec + n_pre].transpose(0, 1)  # [width, prefill tokens]
+            out[n_dec:n_dec + n_pre] = causal_conv1d_fn_cpu(
+                x, weight, None, state, meta.query_start_loc_p, meta.state_indices_tensor_p.flatten(),
+                meta.has_initial_states_p, activation=None).transpose(0, 1)
+        if not n_dec:
+            return
+        if meta.num_accepted_tokens is not None:  # a speculative verify step
+            out[:n_dec] = shift_decode_speculative(rows[:n_dec], state, weight, meta.state_indices_tensor_d[:, 0],
+                                                   meta.num_accepted_tokens, meta.query_start_loc_d)
+            return
+        slots = meta.state_indices_tensor_d.flatten()
+        x = rows[:n_dec].contiguous()
+        if current_platform.get_cpu_architecture() == CpuArchEnum.ARM:
+            view = state[slots].contiguous()
+            out[:n_dec] = causal_conv1d_update_torch(x.unsqueeze(-1), view, weight, None, activation=None).squeeze(-1)
+            state[slots] = view
+        else:
+            out[:n_dec] = causal_conv1d_update_cpu(x, state, weight, None, activation=None, conv_state_indices=slots)
+
+    def _forward_triton(self, rows, out, state, weight, meta, n_dec, n_pre) -> None:
+        from vllm.model_executor.layers.mamba.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+
+        if n_pre:
+            x = rows[n_dec:n_dec + n_pre].transpose(0, 1)  # [width, tokens], channels contiguous
+            out[n_dec:n_dec + n_pre] = causal_conv1d_fn(
+                x, weight, None, activation=None, conv_states=state, has_initial_state=meta.has_initial_states_p,
+                cache_indices=meta.state_indices_tensor_p, metadata=meta,
+                query_start_loc=meta.query_start_loc_p).transpose(0, 1)[:n_pre]
+        if not n_dec:
+            return
+        x = rows[:n_dec].contiguous()
+        if meta.num_accepted_tokens is not None:
+            out[:n_dec] = causal_conv1d_update(
+                x, state, weight, None, activation=None, conv_state_indices=meta.state_indices_tensor_d,
+                num_accepted_tokens=meta.num_accepted_tokens, query_start_loc=meta.query_start_loc_d,
+                max_query_len=meta.state_indices_tensor_d.size(-1))
+        else:
+            out[:n_dec] = causal_conv1d_update(x, state, weight, None, activation=None,
+                                               conv_state_indices=meta.state_indices_tensor_d)
 
 
 class KVShiftAttention(nn.Module):
     def __init__(self, config, layer_idx: int, shift: bool, vllm_config: VllmConfig, prefix: str) -> None:
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
-        if tp != 1:
-            raise ValueError(f"kvshift's vLLM model runs on one rank for now (tensor_parallel_size={tp}); "
-                             f"its per-KV-head shift weights are not sharded yet")
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        if config.num_attention_heads % tp:
+            raise ValueError(f"num_attention_heads={config.num_attention_heads} must be divisible by "
+                             f"tensor_parallel_size={tp}")
+        self.num_heads = config.num_attention_heads // tp  # this rank's query heads
+        self.first_kv_head, self.num_kv_heads = kv_head_shard(config.num_key_value_heads, tp,
+                                                              get_tensor_model_parallel_rank())
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         bias = bool(config.attention_bias or config.qkv_bias)
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
-                                          bias=bias, prefix=f"{prefix}.qkv_proj")
-        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, bias=bool(config.attention_bias),
-                                        prefix=f"{prefix}.o_proj")
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias=bias, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                        bias=bool(config.attention_bias), prefix=f"{prefix}.o_proj")
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.rotary_emb = get_rope(self.head_dim, max_position=config.max_position_embeddings,
@@ -201,11 +289,21 @@ class KVShiftAttention(nn.Module):
         self.has_checkpoint_shift = bool(config.layer_has_kv_shift(layer_idx))
         self.shift = (KVShiftState(2 * self.kv_size, vllm_config.model_config, vllm_config.cache_config,
                                    prefix=f"{prefix}.kv_shift") if shift else None)
-        if self.has_checkpoint_shift:  # raw weights as saved, (current, previous) per KV head
+        if self.has_checkpoint_shift:  # raw weights as saved, (current, previous) per KV head of this rank
             self.k_shift = nn.Parameter(torch.zeros(self.num_kv_heads, SHIFT_WINDOW), requires_grad=False)
             self.v_shift = nn.Parameter(torch.zeros(self.num_kv_heads, SHIFT_WINDOW), requires_grad=False)
+            for param in (self.k_shift, self.v_shift):
+                param.weight_loader = self._load_shift
         elif self.shift is not None:  # the identity mixer of a model with the shift off everywhere
-            self.shift.weight[0].fill_(1.0)
+            self.shift.weight[:, 1].fill_(1.0)
+
+    def _load_shift(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        """Take this rank's KV heads out of a checkpoint's ``[num_key_value_heads, 2]`` shift weights."""
+        rows = loaded[self.first_kv_head:self.first_kv_head + self.num_kv_heads]
+        if rows.shape != param.shape:
+            raise ValueError(f"shift weight of shape {tuple(loaded.shape)} does not hold KV heads "
+                             f"{self.first_kv_head}..{self.first_kv_head + self.num_kv_heads - 1}")
+        param.data.copy_(rows)
 
     def _effective(self, raw: torch.Tensor) -> torch.Tensor:
         """``[Hkv, 2]`` effective (current, previous) weights: the Hugging Face layer's parametrization."""
@@ -219,11 +317,11 @@ class KVShiftAttention(nn.Module):
 
     @torch.no_grad()
     def finish_loading(self) -> None:
-        """Turn the loaded shift parameters into the per-channel (current, previous) rows of the mixer."""
+        """Turn the loaded shift parameters into the per-channel (previous, current) convolution weights."""
         if not self.has_checkpoint_shift:
             return
-        cols = [self._effective(p).t().repeat_interleave(self.head_dim, dim=1) for p in (self.k_shift, self.v_shift)]
-        self.shift.weight.copy_(torch.cat(cols, dim=1))  # [2, K channels | V channels]
+        cols = [self._effective(p).flip(-1).repeat_interleave(self.head_dim, dim=0) for p in (self.k_shift, self.v_shift)]
+        self.shift.weight.copy_(torch.cat(cols, dim=0))  # [K channels | V channels, (previous, current)]
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         n = hidden_states.shape[0]
@@ -298,9 +396,9 @@ class KVShiftForCausalLM(nn.Module, HasInnerState, IsHybrid):
 
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
-        return MambaStateShapeCalculator.short_conv_state_shape(
-            tp_world_size=vllm_config.parallel_config.tensor_parallel_size,
-            intermediate_size=_state_width(vllm_config.model_config.hf_config), conv_kernel=SHIFT_WINDOW)
+        return _state_shape(_state_width(vllm_config.model_config.hf_config,
+                                         vllm_config.parallel_config.tensor_parallel_size),
+                            vllm_config.num_speculative_tokens or 0)
 
     @classmethod
     def get_mamba_state_copy_func(cls):
