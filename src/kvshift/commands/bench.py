@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vllm: a kvshift checkpoint folder (default: a seeded random 4-layer d-256 model)")
     parser.add_argument("--prompts", type=int, default=32, help="vllm: number of prompts, lengths 1-45 (default: %(default)s)")
     parser.add_argument("--new-tokens", type=int, default=64, help="vllm: greedy tokens per prompt (default: %(default)s)")
+    parser.add_argument("--hf-batch-sizes", default="1,8", metavar="LIST",
+                        help="vllm: HF generate baselines to time, comma-separated left-padded batch sizes, or 'none' "
+                             "to time vLLM alone (default: %(default)s; batch 1 is the slow one on a real model)")
     parser.add_argument("--arch", type=int, action="append", default=None, metavar="SM",
                         help="kernels: target compute capability, e.g. 90 (repeatable; default: 80 and 90)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -139,6 +142,19 @@ def _kernels(args: argparse.Namespace) -> int:
     return 1 if over else 0
 
 
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``--hf-batch-sizes``: "1,8" -> (1, 8); "none" -> () (time vLLM alone)."""
+    if text.strip().lower() in ("none", ""):
+        return ()
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(b < 1 for b in sizes):
+        raise ValueError(f"--hf-batch-sizes must be comma-separated batch sizes >= 1 (e.g. 1,8) or 'none', got {text!r}")
+    return sizes
+
+
 def _vllm(args: argparse.Namespace) -> int:
     import importlib.util
     import tempfile
@@ -148,6 +164,7 @@ def _vllm(args: argparse.Namespace) -> int:
                          "`bash scripts/setup.sh --serve`, then `.venv-serve/bin/kvshift bench vllm`")
     if args.prompts < 1 or args.new_tokens < 1:
         raise ValueError(f"--prompts and --new-tokens must be >= 1, got {args.prompts} and {args.new_tokens}")
+    batch_sizes = parse_batch_sizes(args.hf_batch_sizes)
     from ..serving.offline import bench_vllm, demo_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +173,7 @@ def _vllm(args: argparse.Namespace) -> int:
             model = demo_checkpoint(str(Path(tmp) / "demo"))
         elif not (Path(model) / "config.json").is_file():
             raise ValueError(f"--model {model!r} is not a checkpoint folder (no config.json)")
-        rows = bench_vllm(model, num_prompts=args.prompts, max_new_tokens=args.new_tokens)
+        rows = bench_vllm(model, num_prompts=args.prompts, max_new_tokens=args.new_tokens, hf_batch_sizes=batch_sizes)
     import vllm
 
     hw = {**environment(), "vllm": vllm.__version__}
@@ -168,7 +185,9 @@ def _vllm(args: argparse.Namespace) -> int:
                       f"vLLM engine load (not timed above): {load:.1f} s", "", _table(rows)])
     print(text)
     if not args.no_save:
-        _save(Path(args.out), "vllm-cpu", text, {"bench": "vllm", "model": label, "hardware": hw, "load_seconds": load,
+        # the default model's table is vllm-cpu; a given model's sits beside it, named after its folder
+        name = "vllm-cpu" if args.model is None else f"vllm-cpu-{Path(args.model).resolve().name}"
+        _save(Path(args.out), name, text, {"bench": "vllm", "model": label, "hardware": hw, "load_seconds": load,
                                                    "results": rows})
     return 0
 

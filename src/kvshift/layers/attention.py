@@ -13,7 +13,7 @@ from ..ops.rope import apply_rope
 from ..ops.short_conv import short_conv
 from .norm import RMSNorm
 
-__all__ = ["KVShiftAttention", "init_shift_weight", "init_conv_weight", "shift_generator", "is_shift_parameter"]
+__all__ = ["KVShiftAttention", "effective_shift_weights", "init_shift_weight", "init_conv_weight", "shift_generator", "is_shift_parameter"]
 
 KV_SHIFT_INITS = ("paper", "identity", "softmax", "near-identity")
 # "near-identity": current NEAR_IDENTITY_CURRENT, previous 1 - that; a retrofit start that already mixes in the
@@ -116,6 +116,20 @@ def shift_generator(layer_idx: int) -> torch.Generator:
     return torch.Generator().manual_seed((base + 1_000_003 * (layer_idx + 1)) % 2**63)
 
 
+def effective_shift_weights(raw: torch.Tensor, parametrization: str) -> torch.Tensor:
+    """Effective mixing weights (last dim: current token, then lags 1, 2, ...) from stored ones:
+    ``free`` as stored, ``gate`` a sigmoid pair (window 2) or a softmax over the window, ``clamp`` to
+    [0, 1]. The one definition, shared by the model and the vLLM model."""
+    if parametrization == "gate":
+        if raw.shape[-1] > 2:
+            return torch.softmax(raw, dim=-1)
+        cur = torch.sigmoid(raw[..., 0])
+        return torch.stack([cur, 1.0 - cur], dim=-1)
+    if parametrization == "clamp":
+        return raw.clamp(0.0, 1.0)
+    return raw
+
+
 class KVShiftAttention(nn.Module):
     """Multi-head / grouped-query causal attention with (optional) KV shifting.
 
@@ -188,14 +202,7 @@ class KVShiftAttention(nn.Module):
             init.copy_(p, w.to(p.device, p.dtype))
 
     def _effective(self, raw: torch.Tensor) -> torch.Tensor:
-        if self.parametrization == "gate":
-            if raw.shape[-1] > 2:
-                return torch.softmax(raw, dim=-1)
-            cur = torch.sigmoid(raw[..., 0])
-            return torch.stack([cur, 1.0 - cur], dim=-1)
-        if self.parametrization == "clamp":
-            return raw.clamp(0.0, 1.0)
-        return raw
+        return effective_shift_weights(raw, self.parametrization)
 
     def mix_weights(self) -> dict[str, torch.Tensor]:
         """Effective weights ``{"k": ..., "v": ..., "q": ...}`` of the mixed projections, each

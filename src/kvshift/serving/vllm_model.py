@@ -47,26 +47,28 @@ from vllm.model_executor.models.llama import LlamaMLP
 from vllm.platforms import current_platform
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
+from ..layers.attention import effective_shift_weights
+
 __all__ = ["KVShiftForCausalLM", "KVShiftState", "check_servable", "kv_head_shard", "shift_decode_speculative"]
 
-SHIFT_WINDOW = 2  # tokens each shifted row sees: the current one and its predecessor
+SERVED_WINDOWS = (2, 3, 4)  # tokens each mixed row sees (the current one included): vLLM's conv kernels' widths
 
 
 def check_servable(config) -> None:
     """Raise ``ValueError`` naming the config field when vLLM cannot serve this kvshift config."""
     wants = {
-        "kv_shift_targets": ("kv", "the K/V shift of the paper"),
-        "kv_shift_window": (2, "a window of 2 tokens"),
-        "kv_shift_granularity": ("head", "one weight pair per KV head"),
-        "kv_shift_residual": (False, "no residual"),
-        "kv_shift_position": ("pre_rope", "the shift before RoPE"),
-        "token_smear": (False, "no token smear"),
-        "hidden_act": ("silu", "a SwiGLU MLP"),
+        "kv_shift_targets": (("kv",), "a mixer of K and V only"),
+        "kv_shift_window": (SERVED_WINDOWS, "windows of 2 to 4 tokens"),
+        "kv_shift_granularity": (("head", "channel"), "per-head or per-channel weights"),
+        "kv_shift_position": (("pre_rope",), "the mixer before RoPE"),
+        "token_smear": ((False,), "no token smear"),
+        "hidden_act": (("silu",), "a SwiGLU MLP"),
     }
-    for field, (value, what) in wants.items():
-        got = getattr(config, field, value)
-        if got != value:
-            raise ValueError(f"kvshift's vLLM model serves {what} ({field}={value!r}); this checkpoint has "
+    for field, (values, what) in wants.items():
+        got = getattr(config, field, values[0])
+        if got not in values:
+            allowed = values[0] if len(values) == 1 else " / ".join(map(repr, values))
+            raise ValueError(f"kvshift's vLLM model serves {what} ({field}={allowed!r}); this checkpoint has "
                              f"{field}={got!r}. Serve it with Hugging Face (kvshift generate) instead.")
     if getattr(config, "sliding_window", None) is not None:
         raise ValueError(f"kvshift's vLLM model has no sliding window yet; this checkpoint has "
@@ -116,37 +118,47 @@ def _state_width(config, tp_size: int = 1) -> int:
     return 2 * heads * config.head_dim
 
 
-def _state_shape(width: int, num_spec: int) -> tuple[tuple[int, int]]:
-    """vLLM's short-conv state shape for ``width`` channels of this rank (already sharded): the last raw
-    row, plus one row per speculative token so that a verify step can be rolled back."""
+def _state_shape(width: int, window: int, num_spec: int) -> tuple[tuple[int, int]]:
+    """vLLM's short-conv state shape for ``width`` channels of this rank (already sharded): the last
+    ``window - 1`` raw rows, plus one row per speculative token so that a verify step can be rolled back."""
     return MambaStateShapeCalculator.short_conv_state_shape(tp_world_size=1, intermediate_size=width,
-                                                            conv_kernel=SHIFT_WINDOW, num_spec=num_spec)
+                                                            conv_kernel=window, num_spec=num_spec)
 
 
 def shift_decode_speculative(rows: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor,
                              num_accepted: torch.Tensor, query_start_loc: torch.Tensor) -> torch.Tensor:
-    """The shift of the decode rows of a speculative (verify) step, with vLLM's short-conv state rollback,
+    """The mixer on the decode rows of a speculative (verify) step, with vLLM's short-conv state rollback,
     in PyTorch (vLLM's CPU build has no speculative ``causal_conv1d_update``; its Triton kernel does the
     same on GPUs).
 
     ``rows`` ``[tokens, width]``: request ``i``'s tokens are ``rows[query_start_loc[i]:query_start_loc[i+1]]``
-    (its last sampled token, then its draft tokens). ``state`` ``[slots, width, 1 + num_spec]``: column
-    ``j`` of a request's slot holds the raw row of the ``j``-th token the previous step fed it, so the
-    predecessor of its first token is column ``num_accepted[i] - 1`` (the last token that step accepted).
-    This step writes its own raw rows into columns ``0 .. len - 1``. ``weight`` ``[width, 2]`` is
-    (previous, current) per channel."""
+    (its last sampled token, then its draft tokens). ``weight`` ``[width, W]``: per channel, the weight of
+    lag ``W - 1`` first and of the current token last (a convolution's order). ``state``
+    ``[slots, width, W - 1 + num_spec]``: a request's ``W - 1`` predecessors start at column
+    ``num_accepted[i] - 1`` of its slot (the window that ends at the last token the previous step
+    accepted). This step leaves the ``W - 2`` rows that followed that start in columns ``0 .. W - 3`` and
+    its own raw rows after them, so the next step finds its window the same way."""
+    window = weight.shape[1]
+    lags = window - 1
     lengths = query_start_loc[1:] - query_start_loc[:-1]
     request = torch.repeat_interleave(torch.arange(len(lengths), device=rows.device), lengths)
     n = request.numel()
     rows = rows[:n]
     column = torch.arange(n, device=rows.device) - query_start_loc[:-1][request]
-    prev = torch.empty_like(rows)
-    prev[1:] = rows[:-1]
-    first = column == 0
-    carried = state[slots.long(), :, (num_accepted - 1).long()].to(rows.dtype)  # [requests, width]
-    prev[first] = carried[request[first]]
-    out = torch.addcmul(prev * weight[:, 0], rows, weight[:, 1])
-    state[slots.long()[request], :, column] = rows.to(state.dtype)
+    slots = slots.long()
+    start = (num_accepted - 1).long()
+    history = state[slots[:, None], :, start[:, None] + torch.arange(lags, device=rows.device)]  # [req, lags, width]
+    history = history.to(rows.dtype)
+    out = rows * weight[:, lags]
+    for lag in range(1, window):
+        prev = torch.empty_like(rows)
+        prev[lag:] = rows[:-lag] if lag < n else rows[:0]
+        early = column < lag  # the predecessor is in the history, not in this step's rows
+        prev[early] = history[request[early], lags - lag + column[early]]
+        out = torch.addcmul(out, prev, weight[:, lags - lag])
+    if lags > 1:  # keep the window's tail, then this step's rows
+        state[slots[:, None], :, torch.arange(lags - 1, device=rows.device)] = history[:, 1:].to(state.dtype)
+    state[slots[request], :, lags - 1 + column] = rows.to(state.dtype)
     return out
 
 
@@ -155,15 +167,16 @@ class KVShiftState(MambaBase, nn.Module):
     through vLLM's short-convolution machinery: a width-2 depthwise causal convolution over the K|V
     channels, the state layout, metadata builder and state copy of vLLM's ``ShortConv`` (LFM2).
 
-    ``weight`` ``[K|V channels, 2]`` holds the effective (previous, current) weight of every channel of this
-    rank (a KV head's pair repeated over its ``head_dim`` channels), in the convolution's order; the state of
-    a request is its last raw row (plus one row per speculative token).
+    ``weight`` ``[K|V channels, window]`` holds the effective weights of every channel of this rank (a KV
+    head's weights repeated over its ``head_dim`` channels, unless they are per channel), oldest lag first
+    and the current token last, as a convolution orders them; the state of a request is its last
+    ``window - 1`` raw rows (plus one row per speculative token).
     """
 
-    def __init__(self, width: int, model_config: ModelConfig | None, cache_config: CacheConfig | None,
+    def __init__(self, width: int, window: int, model_config: ModelConfig | None, cache_config: CacheConfig | None,
                  prefix: str) -> None:
         super().__init__()
-        self.width = width
+        self.width, self.window = width, window
         self.prefix = prefix
         self.model_config, self.cache_config = model_config, cache_config
         vllm_config = get_current_vllm_config()
@@ -173,11 +186,11 @@ class KVShiftState(MambaBase, nn.Module):
             raise ValueError(f"duplicate layer name: {prefix}")
         context[prefix] = self  # vLLM finds the state layers (and binds their cache) through this table
         self.kv_cache = (torch.tensor([]),)
-        self.register_buffer("weight", torch.zeros(width, SHIFT_WINDOW), persistent=False)
+        self.register_buffer("weight", torch.zeros(width, window), persistent=False)
 
     # -- what vLLM's state cache needs to know -------------------------------------------------------
     def get_state_shape(self):
-        return _state_shape(self.width, self.num_spec)
+        return _state_shape(self.width, self.window, self.num_spec)
 
     def get_state_dtype(self):
         return MambaStateDtypeCalculator.short_conv_state_dtype(self.model_config.dtype,
@@ -200,7 +213,7 @@ class KVShiftState(MambaBase, nn.Module):
         meta = get_forward_context().attn_metadata
         meta = meta.get(self.prefix) if isinstance(meta, dict) else None
         if meta is None:  # the profile run: no requests, no state
-            return rows * self.weight[:, 1].to(rows.dtype)
+            return rows * self.weight[:, -1].to(rows.dtype)
         state = self._states()
         weight = self.weight.to(state.dtype)
         n_dec, n_pre = meta.num_decode_tokens, meta.num_prefill_tokens
@@ -286,16 +299,22 @@ class KVShiftAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_kv_heads,
                               cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn")
         self.parametrization = config.kv_shift_parametrization
+        self.window = config.kv_shift_window
+        self.per_channel = config.kv_shift_granularity == "channel"
+        self.residual = bool(config.kv_shift_residual)
         self.has_checkpoint_shift = bool(config.layer_has_kv_shift(layer_idx))
-        self.shift = (KVShiftState(2 * self.kv_size, vllm_config.model_config, vllm_config.cache_config,
-                                   prefix=f"{prefix}.kv_shift") if shift else None)
-        if self.has_checkpoint_shift:  # raw weights as saved, (current, previous) per KV head of this rank
-            self.k_shift = nn.Parameter(torch.zeros(self.num_kv_heads, SHIFT_WINDOW), requires_grad=False)
-            self.v_shift = nn.Parameter(torch.zeros(self.num_kv_heads, SHIFT_WINDOW), requires_grad=False)
+        self.shift = (KVShiftState(2 * self.kv_size, self.window if self.has_checkpoint_shift else 2,
+                                   vllm_config.model_config, vllm_config.cache_config, prefix=f"{prefix}.kv_shift")
+                      if shift else None)
+        if self.has_checkpoint_shift:  # raw weights as saved, per KV head of this rank: (current, lag 1, ...)
+            shape = (self.num_kv_heads, self.head_dim, self.window) if self.per_channel else (self.num_kv_heads,
+                                                                                                self.window)
+            self.k_shift = nn.Parameter(torch.zeros(shape), requires_grad=False)
+            self.v_shift = nn.Parameter(torch.zeros(shape), requires_grad=False)
             for param in (self.k_shift, self.v_shift):
                 param.weight_loader = self._load_shift
         elif self.shift is not None:  # the identity mixer of a model with the shift off everywhere
-            self.shift.weight[:, 1].fill_(1.0)
+            self.shift.weight[:, -1].fill_(1.0)
 
     def _load_shift(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         """Take this rank's KV heads out of a checkpoint's ``[num_key_value_heads, 2]`` shift weights."""
@@ -305,23 +324,22 @@ class KVShiftAttention(nn.Module):
                              f"{self.first_kv_head}..{self.first_kv_head + self.num_kv_heads - 1}")
         param.data.copy_(rows)
 
-    def _effective(self, raw: torch.Tensor) -> torch.Tensor:
-        """``[Hkv, 2]`` effective (current, previous) weights: the Hugging Face layer's parametrization."""
-        raw = raw.float()
-        if self.parametrization == "gate":
-            cur = torch.sigmoid(raw[..., 0])
-            return torch.stack([cur, 1.0 - cur], dim=-1)
-        if self.parametrization == "clamp":
-            return raw.clamp(0.0, 1.0)
-        return raw
-
     @torch.no_grad()
     def finish_loading(self) -> None:
-        """Turn the loaded shift parameters into the per-channel (previous, current) convolution weights."""
+        """Turn the loaded shift parameters into this rank's per-channel convolution weights
+        ``[K channels | V channels, window]`` (oldest lag first), with the Hugging Face layer's
+        parametrization; a residual mixer (``x + conv(x)``) adds one to the current token's weight."""
         if not self.has_checkpoint_shift:
             return
-        cols = [self._effective(p).flip(-1).repeat_interleave(self.head_dim, dim=0) for p in (self.k_shift, self.v_shift)]
-        self.shift.weight.copy_(torch.cat(cols, dim=0))  # [K channels | V channels, (previous, current)]
+        cols = []
+        for raw in (self.k_shift, self.v_shift):
+            w = effective_shift_weights(raw.float(), self.parametrization)  # [..., window], current first
+            w = w.reshape(-1, self.window) if self.per_channel else w.repeat_interleave(self.head_dim, dim=0)
+            cols.append(w.flip(-1))
+        weight = torch.cat(cols, dim=0)
+        if self.residual:
+            weight[:, -1] += 1.0
+        self.shift.weight.copy_(weight)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         n = hidden_states.shape[0]
@@ -396,8 +414,9 @@ class KVShiftForCausalLM(nn.Module, HasInnerState, IsHybrid):
 
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
-        return _state_shape(_state_width(vllm_config.model_config.hf_config,
-                                         vllm_config.parallel_config.tensor_parallel_size),
+        config = vllm_config.model_config.hf_config
+        window = config.kv_shift_window if any(config.layer_has_kv_shift(i) for i in range(config.num_hidden_layers)) else 2
+        return _state_shape(_state_width(config, vllm_config.parallel_config.tensor_parallel_size), window,
                             vllm_config.num_speculative_tokens or 0)
 
     @classmethod
