@@ -178,6 +178,15 @@ def test_draft_model_speculation_matches_hf(spec_case, tmp_path):
     assert _mismatches(tokens, reference) == []
 
 
+def test_speculation_with_prefix_caching_is_refused_on_cpu_naming_the_flag(spec_case):
+    """vLLM's CPU build has no kernel for the state copies of speculative decoding with prefix caching: the
+    engine would die at the first request, so the model refuses it at load, naming the flag."""
+    path, prompts, _ = spec_case
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    with pytest.raises(Exception, match="--no-enable-prefix-caching"):
+        _fresh_process(vllm_greedy, path, prompts[:2], 4, speculative_config=spec, enable_prefix_caching=True)
+
+
 # -- tensor parallelism ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("total,tp,want", [

@@ -49,7 +49,7 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from ..layers.attention import effective_shift_weights
 
-__all__ = ["KVShiftForCausalLM", "KVShiftState", "check_servable", "kv_head_shard", "shift_decode_speculative"]
+__all__ = ["KVShiftForCausalLM", "KVShiftState", "check_engine_config", "check_servable", "kv_head_shard", "shift_decode_speculative"]
 
 SERVED_WINDOWS = (2, 3, 4)  # tokens each mixed row sees (the current one included): vLLM's conv kernels' widths
 
@@ -87,6 +87,21 @@ def _check_head_dim(config) -> None:
     if config.head_dim not in sizes:
         raise ValueError(f"vLLM's CPU attention supports head_dim in {sizes}; this checkpoint has "
                          f"head_dim={config.head_dim} (hidden_size / num_attention_heads unless set)")
+
+
+def check_engine_config(vllm_config) -> None:
+    """Raise ``ValueError`` for engine settings kvshift's vLLM model cannot run, naming the setting.
+
+    vLLM's CPU build runs speculative decoding for short-convolution models only without prefix caching:
+    with both, its state-cache 'align' mode calls a Triton kernel the CPU build does not have, and the
+    engine dies at the first request."""
+    from vllm.platforms import current_platform
+
+    spec = getattr(vllm_config, "speculative_config", None)
+    if (current_platform.is_cpu() and spec is not None and (vllm_config.num_speculative_tokens or 0) > 0
+            and vllm_config.cache_config.enable_prefix_caching):
+        raise ValueError("speculative decoding of a kvshift model on vLLM's CPU build needs prefix caching off: "
+                         "pass --no-enable-prefix-caching (vllm serve) or enable_prefix_caching=False (vllm.LLM)")
 
 
 def _shift_layers(config) -> list[bool]:
@@ -376,6 +391,7 @@ class KVShiftModel(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config
         check_servable(config)
+        check_engine_config(vllm_config)
         _check_head_dim(config)
         if not get_pp_group().is_first_rank or not get_pp_group().is_last_rank:
             raise ValueError("kvshift's vLLM model does not support pipeline parallelism yet")
