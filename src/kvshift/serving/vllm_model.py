@@ -92,12 +92,24 @@ def _check_head_dim(config) -> None:
 def check_engine_config(vllm_config) -> None:
     """Raise ``ValueError`` for engine settings kvshift's vLLM model cannot run, naming the setting.
 
+    Speculation with a draft network (a draft model, EAGLE, MTP) is refused: vLLM 0.32's draft proposer
+    addresses the draft's KV cache with the block table of the target's first KV cache group. A kvshift
+    model has several groups (its attention layers, its shift states) sharing one memory pool, so the
+    draft wrote over the target's keys and values (with a one-layer target and a close draft, 16 of 16
+    prompts decoded other tokens than Hugging Face). N-gram speculation has no draft network.
+
     vLLM's CPU build runs speculative decoding for short-convolution models only without prefix caching:
     with both, its state-cache 'align' mode calls a Triton kernel the CPU build does not have, and the
     engine dies at the first request."""
     from vllm.platforms import current_platform
 
     spec = getattr(vllm_config, "speculative_config", None)
+    if spec is not None and (vllm_config.num_speculative_tokens or 0) > 0 and spec.method != "ngram":
+        raise ValueError(
+            f"kvshift's vLLM model supports n-gram speculation (speculative_config method 'ngram'), not "
+            f"method={spec.method!r}: vLLM 0.32 builds a draft network's attention metadata from the target's first "
+            f"KV cache group, and a hybrid model (attention + shift state) keeps its layers in several groups that "
+            f"share memory, so the draft's keys and values would overwrite the target's")
     if (current_platform.is_cpu() and spec is not None and (vllm_config.num_speculative_tokens or 0) > 0
             and vllm_config.cache_config.enable_prefix_caching):
         raise ValueError("speculative decoding of a kvshift model on vLLM's CPU build needs prefix caching off: "
