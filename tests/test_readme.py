@@ -59,7 +59,7 @@ def test_setup_installs_test_only_packages_only_with_test():
         assert test_only not in core and test_only in " ".join(project["optional-dependencies"]["dev"]).lower()
     script = (README.parent / "scripts" / "setup.sh").read_text()
     assert 'EXTRAS=""' in script and '[ "$TEST" = 1 ] && EXTRAS="dev"' in script
-    assert '-e ".${EXTRAS:+[$EXTRAS]}"' in script and 'EXTRAS="serve,test"' in script
+    assert '-e ".${EXTRAS:+[$EXTRAS]}"' in script and 'EXTRAS="serve,test,gguf"' in script
     assert "pytest" in " ".join(project["optional-dependencies"]["test"]).lower()
     assert "vllm" not in core and "vllm" not in " ".join(project["optional-dependencies"]["dev"]).lower()
 

@@ -107,10 +107,11 @@ def test_preemption_matches_hf(tmp_path):
     assert _mismatches(tokens, reference) == []
 
 
-def test_prefix_caching_matches_hf(tmp_path):
+@pytest.mark.parametrize("name", ["gqa-gate-qknorm-layer0", "w3-channel-residual"])
+def test_prefix_caching_matches_hf(tmp_path, name):
     """Prompts sharing a 65-70-token prefix, one at a time: later ones start from cached blocks, and from
-    the shift state vLLM saved at that block boundary ('align' mode)."""
-    path = str(_save(tmp_path / "ck", **CASES["gqa-gate-qknorm-layer0"]))
+    the shift state vLLM saved at that block boundary ('align' mode; two raw rows for window 3)."""
+    path = str(_save(tmp_path / "ck", **CASES[name]))
     g = torch.Generator().manual_seed(3)
     shared = torch.randint(1, 256, (70,), generator=g).tolist()
     prompts = [shared[:70 - i] + torch.randint(1, 256, (1 + i % 5,), generator=g).tolist() for i in range(12)]
