@@ -59,3 +59,14 @@ def test_bench_vllm_outside_the_serving_env_says_how_to_get_it(capsys):
     assert main(["bench", "vllm", "--no-save"]) == 2
     err = capsys.readouterr().err
     assert "bash scripts/setup.sh --serve" in err and ".venv-serve/bin/kvshift bench vllm" in err
+
+
+def test_bench_vllm_hf_batch_sizes_parse_and_bad_values_exit_2(capsys):
+    from kvshift.cli import main
+    from kvshift.commands.bench import parse_batch_sizes
+
+    assert parse_batch_sizes("1,8") == (1, 8) and parse_batch_sizes("8") == (8,)
+    assert parse_batch_sizes("none") == () and parse_batch_sizes("NONE") == ()
+    for bad in ("0", "1,x", "-2", ","):
+        assert main(["bench", "vllm", "--no-save", "--hf-batch-sizes", bad]) == 2
+        assert "--hf-batch-sizes" in capsys.readouterr().err

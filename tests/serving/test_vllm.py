@@ -123,7 +123,7 @@ def test_prefix_caching_matches_hf(tmp_path, name):
 
 @pytest.mark.parametrize("field,value", [("kv_shift_window", 5), ("kv_shift_position", "post_rope"),
                                          ("kv_shift_targets", "k"), ("kv_shift_targets", "qkv"),
-                                         ("token_smear", True)])
+                                         ("token_smear", True), ("hidden_act", "gelu"), ("sliding_window", 16)])
 def test_unservable_configs_are_refused_naming_the_field(field, value):
     from kvshift.models import KVShiftConfig
     from kvshift.serving.vllm_model import check_servable
@@ -132,3 +132,26 @@ def test_unservable_configs_are_refused_naming_the_field(field, value):
     check_servable(KVShiftConfig(kv_shift_window=4, kv_shift_granularity="channel", kv_shift_residual=True))
     with pytest.raises(ValueError, match=field):
         check_servable(KVShiftConfig(**{field: value}))
+
+
+def test_a_head_size_without_a_cpu_kernel_is_refused_naming_head_dim():
+    from kvshift.models import KVShiftConfig
+    from kvshift.serving.vllm_model import _check_head_dim
+
+    _check_head_dim(KVShiftConfig(hidden_size=64, num_attention_heads=2))  # head_dim 32: served
+    with pytest.raises(ValueError, match="head_dim=16"):
+        _check_head_dim(KVShiftConfig(hidden_size=64, num_attention_heads=4))
+
+
+def test_bench_vllm_times_vllm_alone_or_against_the_hf_baselines_asked_for(tmp_path):
+    """``--hf-batch-sizes none`` times vLLM alone (no HF row, no ratio); a list gives one HF row per size,
+    ratios over the first, and counts the prompts whose tokens equal vLLM's."""
+    from kvshift.serving.offline import bench_vllm
+
+    path = str(_save(tmp_path / "ck", **CASES["mha"]))
+    alone = bench_vllm(path, num_prompts=4, max_new_tokens=4, hf_batch_sizes=())
+    assert [r["engine"] for r in alone] == ["vllm LLM.generate, max_num_seqs 32"]
+    assert not any(k.startswith("vs_") for k in alone[0])
+    rows = bench_vllm(path, num_prompts=4, max_new_tokens=4, hf_batch_sizes=(2,))
+    assert [r["engine"] for r in rows] == ["hf generate, batch 2", "vllm LLM.generate, max_num_seqs 32"]
+    assert rows[0]["vs_hf_batch2"] == 1.0 and rows[0]["same_tokens_as_vllm"] == "4/4"

@@ -221,3 +221,11 @@ def test_tensor_parallel_2_matches_hf(tmp_path, monkeypatch, kv_heads):
     tokens, stats = vllm_greedy(path, prompts, 16, max_num_seqs=8, tensor_parallel_size=2)
     assert stats["max_running"] == 8
     assert _mismatches(tokens, reference) == []
+
+
+def test_pipeline_parallelism_is_refused(tmp_path, monkeypatch):
+    """The model does not implement vLLM's ``SupportsPP``: vLLM refuses it before loading, saying so."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    path = _save(tmp_path / "ck", num_key_value_heads=2, max_position_embeddings=96)
+    with pytest.raises(NotImplementedError, match="Pipeline parallelism is not supported for this model"):
+        vllm_greedy(path, [[1, 2, 3]], 2, pipeline_parallel_size=2)

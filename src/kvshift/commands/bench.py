@@ -159,12 +159,12 @@ def _vllm(args: argparse.Namespace) -> int:
     import importlib.util
     import tempfile
 
-    if importlib.util.find_spec("vllm") is None:
-        raise ValueError("kvshift bench vllm needs vLLM, which lives in its own environment: run "
-                         "`bash scripts/setup.sh --serve`, then `.venv-serve/bin/kvshift bench vllm`")
     if args.prompts < 1 or args.new_tokens < 1:
         raise ValueError(f"--prompts and --new-tokens must be >= 1, got {args.prompts} and {args.new_tokens}")
     batch_sizes = parse_batch_sizes(args.hf_batch_sizes)
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("kvshift bench vllm needs vLLM, which lives in its own environment: run "
+                         "`bash scripts/setup.sh --serve`, then `.venv-serve/bin/kvshift bench vllm`")
     from ..serving.offline import bench_vllm, demo_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
