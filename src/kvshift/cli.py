@@ -1,4 +1,4 @@
-"""`kvshift <command>`: reproduce, train, compare, data, generate, eval, bench, convert.
+"""`kvshift <command>`: reproduce, train, compare, data, generate, eval, bench, convert, export.
 
 Each command lives in its own module of :mod:`kvshift.commands`, which exposes ``add_arguments(parser)``
 and ``run(args) -> int``; modules are imported only when their command runs, so ``kvshift --help`` stays fast.

@@ -11,6 +11,7 @@ COMMANDS: dict[str, str] = {
     "eval": "evaluate a saved model with lm-evaluation-harness",
     "bench": "benchmarks: ratios against vanilla attention",
     "convert": "convert a Llama / Qwen2 / Qwen3 / Mistral checkpoint",
+    "export": "export a kvshift checkpoint to another runtime (mlx: an mlx-lm model folder)",
 }
 
 __all__ = ["COMMANDS"]
