@@ -1,7 +1,7 @@
 """`kvshift export mlx`: an mlx-lm folder that mlx-lm's own tools run, equal to the Hugging Face model.
 
 The export itself needs only PyTorch (tested everywhere); running the folder needs MLX (``pip install
-'mlx[cpu]' mlx-lm`` on Linux; ``bash scripts/setup.sh --mlx --test`` makes ``.venv-mlx``, which CI runs).
+'mlx[cpu]' mlx-lm`` on Linux, which ``bash scripts/setup.sh --test`` installs, so CI runs them).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_export_keeps_an_existing_folder_unless_overwrite(tmp_path, capsys):
 
 mlx_needed = pytest.mark.skipif(
     any(__import__("importlib").util.find_spec(m) is None for m in ("mlx", "mlx_lm")),
-    reason="needs MLX: pip install 'mlx[cpu]' mlx-lm (bash scripts/setup.sh --mlx --test)")
+    reason="needs MLX: pip install 'mlx[cpu]' mlx-lm (bash scripts/setup.sh --test installs it)")
 
 
 def _hf_logits(src, ids):
