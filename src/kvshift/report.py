@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["atomic_write_text", "atomic_write_json", "to_jsonable", "markdown_table", "environment",
-           "mean_std", "get_pyplot", "save_figure", "apply_umask"]
+           "mean_std", "get_pyplot", "save_figure", "apply_umask", "replace_dir"]
 
 
 def _umask() -> int:
@@ -43,6 +43,32 @@ def apply_umask(path: str | os.PathLike) -> Path:
         if not p.is_symlink():
             os.chmod(p, dir_mode if p.is_dir() else file_mode)
     return path
+
+
+def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Move the finished folder ``new`` to ``out`` (same file system). A missing or empty ``out`` is
+    replaced at once; a non-empty one is moved aside first, put back if the swap fails and removed once it
+    succeeds. Whether ``out`` may be replaced at all is the caller's decision (``--overwrite``)."""
+    import shutil
+
+    new, out = Path(new), Path(out)
+    old = None
+    try:
+        if out.exists():
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+            else:
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.replace(out, old / "previous")
+        os.replace(new, out)
+    except BaseException:
+        if old is not None and (old / "previous").exists() and not out.exists():
+            os.replace(old / "previous", out)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def _atomic_replace(path: Path, write: Callable[[str], Any], suffix: str = ".tmp") -> Path:

@@ -11,7 +11,6 @@ exporting fp32 needs only PyTorch.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -67,27 +66,6 @@ def _weights(model) -> dict:
     return tensors
 
 
-def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Put the finished ``tmp`` folder at ``out``; an existing non-empty ``out`` only with ``overwrite``, and
-    the old one is restored if the swap fails."""
-    old = None
-    try:
-        if out.exists():
-            if out.is_dir() and not any(out.iterdir()):
-                out.rmdir()
-            else:
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                os.replace(out, old / "previous")
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None and (old / "previous").exists() and not out.exists():
-            os.replace(old / "previous", out)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def export_mlx(model_dir: str | Path, out_dir: str | Path, bits: int | None = None, group_size: int = 64,
                overwrite: bool = False) -> Path:
     """Write the mlx-lm folder of the kvshift checkpoint ``model_dir`` to ``out_dir`` (atomically), quantised
@@ -95,7 +73,7 @@ def export_mlx(model_dir: str | Path, out_dir: str | Path, bits: int | None = No
     from safetensors.numpy import save_file
 
     from ..models import KVShiftConfig, KVShiftForCausalLM
-    from ..report import apply_umask
+    from ..report import apply_umask, replace_dir
 
     model_dir, out = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
@@ -131,7 +109,7 @@ def export_mlx(model_dir: str | Path, out_dir: str | Path, bits: int | None = No
                     trust_remote_code=True)
             shutil.copy2(plain / MLX_MODEL_FILE, final / MLX_MODEL_FILE)
         apply_umask(final)
-        _replace_dir(final, out, overwrite)
+        replace_dir(final, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

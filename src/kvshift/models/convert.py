@@ -10,7 +10,6 @@ atomically: a failure leaves no partial directory behind.
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import tempfile
 import warnings
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from ..layers.attention import init_shift_weight, is_shift_parameter
-from ..report import apply_umask
+from ..report import apply_umask, replace_dir
 from .configuration import KV_SHIFT_INITS, KVShiftConfig
 from .gguf import check_gguf, is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
 from .modeling import KVShiftForCausalLM
@@ -301,26 +300,14 @@ def _save_atomically(model: KVShiftForCausalLM, out_dir: Path, source, tokenizer
         raise FileExistsError(f"{out_dir} already exists and is not empty (pass --overwrite to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    old = None
     try:
         model.save_pretrained(tmp)
         _write_tokenizer(source, tokenizer, tmp, model.config.vocab_size)
         apply_umask(tmp)  # mkdtemp's folder is private (0700), safetensors' file too (0600): give what mkdir gives
-        if out_dir.exists():
-            if out_dir.is_dir() and not any(out_dir.iterdir()):
-                out_dir.rmdir()
-            else:  # overwrite: move the old output aside, put the new one in place, then drop the old
-                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-                os.replace(out_dir, old / "previous")
-        os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)  # an old output (overwrite) is moved aside, and back if the swap fails
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "previous").exists() and not out_dir.exists():
-            os.replace(old / "previous", out_dir)
         raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def convert_checkpoint(
