@@ -1,18 +1,20 @@
 """kvshift's causal LM as a vLLM model (out of tree; registered by :func:`kvshift.serving.vllm.register`).
 
-The K/V shift of a layer is a window-2 depthwise causal convolution over the layer's raw K and V rows,
-one (current, previous) weight pair per KV head, run before RoPE and before vLLM's ``Attention``. Like
-vLLM's short convolution (LFM2) it is a "mamba-like" layer with a per-request state: the raw K|V row of
-the last token a request has seen, kept in vLLM's state cache. So it holds across continuous batching
-(decodes and prefills of many requests in one flat batch), chunked prefill (a later chunk starts from the
-state the earlier one left) and preemption (a recomputed request starts from a zero state, like any
-sequence start).
+The K/V shift of a layer is what vLLM runs for its short-convolution models (LFM2's ``ShortConv``): a
+depthwise causal convolution of width ``kv_shift_window`` over the layer's raw ``[K | V]`` channels, each
+KV head's weights repeated over its channels (or one weight per channel), run before QK-norm, RoPE and
+vLLM's ``Attention``. It goes through vLLM's ``causal_conv1d_fn`` / ``causal_conv1d_update`` (their
+native paths on CPU), state layout, metadata builder and state copies, with a per-request state: the
+raw rows of the last ``window - 1`` tokens a request has seen (plus one row per speculative token). So it
+holds across continuous batching, chunked prefill (a later chunk starts from the state the earlier one
+left), preemption (a recomputed request starts from a zero state), prefix caching ('align' mode),
+n-gram speculative decoding (the state is rolled back to the last accepted token) and tensor parallelism
+(the shift weights and state channels go with their KV heads).
 
-Supported: what the Hugging Face model computes for the paper's form of the shift (K and V, window 2,
-one weight pair per KV head, pre-RoPE) with any parametrization (``free`` / ``gate`` / ``clamp``, turned
-into effective weights once, at load), per-layer ``kv_shift`` lists, MHA and GQA, QK-norm, biases, tied
-embeddings and transformers' RoPE types that vLLM knows. Anything else is refused at load with the
-config field that vLLM cannot serve yet.
+Supported: the paper's shift with any parametrization (``free`` / ``gate`` / ``clamp``, turned into
+effective weights once, at load), windows 2-4, per-head or per-channel weights, the residual form,
+per-layer ``kv_shift`` lists, MHA and GQA, QK-norm, biases, tied embeddings and transformers' RoPE types
+that vLLM knows. Anything else is refused at load, naming the config field or engine setting.
 """
 
 from __future__ import annotations
