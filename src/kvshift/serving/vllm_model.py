@@ -103,17 +103,16 @@ def check_engine_config(vllm_config) -> None:
     vLLM's CPU build runs speculative decoding for short-convolution models only without prefix caching:
     with both, its state-cache 'align' mode calls a Triton kernel the CPU build does not have, and the
     engine dies at the first request."""
-    from vllm.platforms import current_platform
-
     spec = getattr(vllm_config, "speculative_config", None)
-    if spec is not None and (vllm_config.num_speculative_tokens or 0) > 0 and spec.method != "ngram":
+    if spec is None or not vllm_config.num_speculative_tokens:
+        return
+    if spec.method != "ngram":
         raise ValueError(
             f"kvshift's vLLM model supports n-gram speculation (speculative_config method 'ngram'), not "
             f"method={spec.method!r}: vLLM 0.32 builds a draft network's attention metadata from the target's first "
             f"KV cache group, and a hybrid model (attention + shift state) keeps its layers in several groups that "
             f"share memory, so the draft's keys and values would overwrite the target's")
-    if (current_platform.is_cpu() and spec is not None and (vllm_config.num_speculative_tokens or 0) > 0
-            and vllm_config.cache_config.enable_prefix_caching):
+    if current_platform.is_cpu() and vllm_config.cache_config.enable_prefix_caching:
         raise ValueError("speculative decoding of a kvshift model on vLLM's CPU build needs prefix caching off: "
                          "pass --no-enable-prefix-caching (vllm serve) or enable_prefix_caching=False (vllm.LLM)")
 
@@ -124,6 +123,13 @@ def _shift_layers(config) -> list[bool]:
     vanilla attention) in layer 0."""
     flags = [bool(config.layer_has_kv_shift(i)) for i in range(config.num_hidden_layers)]
     return flags if any(flags) else [True] + [False] * (len(flags) - 1)
+
+
+def _state_window(config) -> int:
+    """The convolution width of every state layer: the checkpoint's window, or 2 for the identity mixer of
+    a checkpoint with the shift off everywhere (vLLM keeps all state layers of a model in one shape)."""
+    any_shift = any(config.layer_has_kv_shift(i) for i in range(config.num_hidden_layers))
+    return config.kv_shift_window if any_shift else 2
 
 
 def kv_head_shard(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
@@ -192,8 +198,8 @@ def shift_decode_speculative(rows: torch.Tensor, state: torch.Tensor, weight: to
 
 
 class KVShiftState(MambaBase, nn.Module):
-    """The window-2 shift of one layer's raw ``[tokens, K | V]`` rows, with the per-request state, written
-    through vLLM's short-convolution machinery: a width-2 depthwise causal convolution over the K|V
+    """The shift (or window-3/4 mixer) of one layer's raw ``[tokens, K | V]`` rows, with the per-request
+    state, written through vLLM's short-convolution machinery: a depthwise causal convolution over the K|V
     channels, the state layout, metadata builder and state copy of vLLM's ``ShortConv`` (LFM2).
 
     ``weight`` ``[K|V channels, window]`` holds the effective weights of every channel of this rank (a KV
@@ -332,7 +338,7 @@ class KVShiftAttention(nn.Module):
         self.per_channel = config.kv_shift_granularity == "channel"
         self.residual = bool(config.kv_shift_residual)
         self.has_checkpoint_shift = bool(config.layer_has_kv_shift(layer_idx))
-        self.shift = (KVShiftState(2 * self.kv_size, self.window if self.has_checkpoint_shift else 2,
+        self.shift = (KVShiftState(2 * self.kv_size, _state_window(config),
                                    vllm_config.model_config, vllm_config.cache_config, prefix=f"{prefix}.kv_shift")
                       if shift else None)
         if self.has_checkpoint_shift:  # raw weights as saved, per KV head of this rank: (current, lag 1, ...)
@@ -445,8 +451,7 @@ class KVShiftForCausalLM(nn.Module, HasInnerState, IsHybrid):
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
         config = vllm_config.model_config.hf_config
-        window = config.kv_shift_window if any(config.layer_has_kv_shift(i) for i in range(config.num_hidden_layers)) else 2
-        return _state_shape(_state_width(config, vllm_config.parallel_config.tensor_parallel_size), window,
+        return _state_shape(_state_width(config, vllm_config.parallel_config.tensor_parallel_size), _state_window(config),
                             vllm_config.num_speculative_tokens or 0)
 
     @classmethod
