@@ -1,4 +1,4 @@
-"""`kvshift convert`: a Llama / Qwen2 / Qwen3 / Mistral checkpoint -> a KVShiftForCausalLM checkpoint."""
+"""`kvshift convert`: a Llama / Qwen2 / Qwen3 / Mistral or Baichuan-M1 checkpoint -> a KVShiftForCausalLM checkpoint."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ..models.convert import SUPPORTED_ARCHITECTURES, convert_checkpoint
 
 __all__ = ["add_arguments", "run"]
 
-_SUPPORTED_NAMES = ", ".join(SUPPORTED_ARCHITECTURES.values())
+_SUPPORTED_NAMES = ", ".join([*SUPPORTED_ARCHITECTURES.values(), "BaichuanM1ForCausalLM"])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

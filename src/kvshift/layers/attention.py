@@ -147,11 +147,14 @@ class KVShiftAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        # this layer's shape: sliding-window layers may have their own head counts (Baichuan-M1)
+        shape = config.layer_attention(layer_idx) if hasattr(config, "layer_attention") else None
+        self.num_heads = shape.num_heads if shape else config.num_attention_heads
+        self.num_kv_heads = shape.num_kv_heads if shape else config.num_key_value_heads
+        self.head_dim = shape.head_dim if shape else config.head_dim
+        self.sliding_window = shape.sliding_window if shape else getattr(config, "sliding_window", None)
         self.scaling = self.head_dim**-0.5
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.attention_dropout = config.attention_dropout
         self.is_causal = True  # read by transformers' attention backends
         self.use_kv_shift = config.layer_has_kv_shift(layer_idx)
@@ -354,7 +357,7 @@ class KVShiftAttention(nn.Module):
         out, weights = backend(
             self, q, k, v, attention_mask, scaling=self.scaling,
             dropout=self.attention_dropout if self.training else 0.0,
-            sliding_window=getattr(self.config, "sliding_window", None),  # read by flash-attention only
+            sliding_window=self.sliding_window,  # read by flash-attention only (the masks carry it otherwise)
             **kwargs,
         )  # [B, T, H, D]
         return self.o_proj(out.reshape(B, T, -1)), weights

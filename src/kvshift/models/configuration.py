@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from typing import NamedTuple
 
 from huggingface_hub.dataclasses import strict
 from transformers import GenerationConfig, PreTrainedConfig
@@ -12,9 +13,20 @@ from ..layers.attention import KV_SHIFT_INITS, NEAR_IDENTITY_CURRENT  # the laye
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["KVShiftConfig", "AUTO_MAP", "REMOTE_CODE_MODULE", "write_remote_code", "KV_SHIFT_INITS", "NEAR_IDENTITY_CURRENT", "KV_SHIFT_POSITIONS", "KV_SHIFT_TARGETS", "TOKEN_MIXING_VARIANTS"]
+__all__ = ["KVShiftConfig", "LayerAttention", "LAYER_TYPES", "AUTO_MAP", "REMOTE_CODE_MODULE", "write_remote_code", "KV_SHIFT_INITS", "NEAR_IDENTITY_CURRENT", "KV_SHIFT_POSITIONS", "KV_SHIFT_TARGETS", "TOKEN_MIXING_VARIANTS"]
 
 KV_SHIFT_POSITIONS = ("pre_rope", "post_rope")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names (Gemma 3, Qwen 3, Mistral)
+
+
+class LayerAttention(NamedTuple):
+    """The attention shape of one layer: what :meth:`KVShiftConfig.layer_attention` answers."""
+
+    layer_type: str  # "full_attention" or "sliding_attention"
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: int | None  # tokens a query sees, itself included; None for full attention
 KV_SHIFT_PARAMETRIZATIONS = ("free", "gate", "clamp")
 KV_SHIFT_TARGETS = ("kv", "k", "v", "qkv")
 KV_SHIFT_GRANULARITIES = ("head", "channel")
@@ -80,7 +92,7 @@ def write_remote_code(save_directory) -> None:
 _PASS_THROUGH_KEYS = {
     "torch_dtype", "name_or_path", "output_attentions", "attn_implementation", "experts_implementation",
     "per_layer_config", "num_labels", "model_type", "auto_map", "tokenizer_class", "use_return_dict",
-    "rope_scaling", "rope_parameters", "partial_rotary_factor", "pretraining_tp", "mlp_bias", "layer_types",
+    "rope_scaling", "rope_parameters", "partial_rotary_factor", "pretraining_tp", "mlp_bias",
     "max_window_layers", "use_sliding_window", "attention_dropout", "initializer_range", "hidden_act",
 }
 
@@ -120,6 +132,15 @@ class KVShiftConfig(PreTrainedConfig):
     others the PyTorch :func:`kvshift.ops.short_conv`. :data:`TOKEN_MIXING_VARIANTS` names the lab's
     variants.
     - ``qkv_bias``: bias on q/k/v projections only (Qwen2); ``attention_bias`` adds it to all four (Llama).
+    - ``sliding_window`` and ``layer_types``: transformers' convention. ``layer_types`` has one entry per
+      layer, ``"full_attention"`` or ``"sliding_attention"`` (a query sees itself and the
+      ``sliding_window - 1`` tokens before it); when not given, every layer is ``"sliding_attention"`` if
+      ``sliding_window`` is set (Mistral) and ``"full_attention"`` otherwise. The shift is unaffected by the
+      window: the decode state keeps the raw last row, which never leaves with the window.
+    - ``num_swa_attention_heads``, ``num_swa_key_value_heads``, ``swa_head_dim``: the sliding-window layers'
+      own head counts and head size (Baichuan-M1's names; each defaults to the full layers' value, and
+      ``swa_head_dim`` to ``hidden_size // num_swa_attention_heads`` when only the head count is given, as
+      in Baichuan-M1). :meth:`layer_attention` gives any layer's shape.
     - ``qk_norm``: per-head RMSNorm on queries and keys (Qwen3). On keys it acts on the *shifted* key,
       before RoPE (shift -> k-norm -> RoPE, BlaGPT's order; with ``post_rope``: k-norm -> RoPE -> shift),
       so the attention logits stay bounded as QK-norm intends; the decode state keeps the raw projection.
@@ -176,6 +197,10 @@ class KVShiftConfig(PreTrainedConfig):
     attention_dropout: float = 0.0
     mlp_bias: bool = False
     sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    num_swa_attention_heads: int | None = None
+    num_swa_key_value_heads: int | None = None
+    swa_head_dim: int | None = None
     kv_shift: bool | list[bool] = True
     kv_shift_init: str = "paper"
     kv_shift_position: str = "pre_rope"
@@ -203,7 +228,6 @@ class KVShiftConfig(PreTrainedConfig):
         partial = kwargs.pop("partial_rotary_factor", None)
         if partial not in (None, 1, 1.0):
             raise ValueError(f"partial_rotary_factor={partial} is not supported (kvshift rotates every channel)")
-        kwargs.pop("layer_types", None)
         if kwargs.get("auto_map") == AUTO_MAP:  # our own auto_map (saved by save_pretrained): not kept in memory
             kwargs.pop("auto_map")
         for key in ("pretraining_tp", "max_window_layers", "use_sliding_window"):
@@ -213,6 +237,15 @@ class KVShiftConfig(PreTrainedConfig):
         self._check()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.layer_types is None:  # transformers' rule: a window with no layer types slides everywhere
+            kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
+        else:
+            self.layer_types = list(self.layer_types)
+        if self.swa_head_dim is None:
+            self.swa_head_dim = (self.hidden_size // self.num_swa_attention_heads if self.num_swa_attention_heads
+                                 else self.head_dim)
+        self._check_layers()
         if isinstance(self.kv_shift, (list, tuple)):
             self.kv_shift = [bool(v) for v in self.kv_shift]
         if isinstance(self.rope_parameters, dict):
@@ -300,6 +333,41 @@ class KVShiftConfig(PreTrainedConfig):
             raise ValueError(f"kv_shift must be a bool or a list of bools, got {self.kv_shift!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window}")
+
+    def _check_layers(self) -> None:
+        types = self.layer_types
+        if not isinstance(types, list) or len(types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types must be a list with one entry per layer (num_hidden_layers = "
+                             f"{self.num_hidden_layers}), got {types!r}")
+        bad = [t for t in types if t not in LAYER_TYPES]
+        if bad:
+            raise ValueError(f"layer_types entries must be one of {LAYER_TYPES}, got {bad[0]!r}")
+        if "sliding_attention" in types and self.sliding_window is None:
+            raise ValueError("layer_types has 'sliding_attention' layers but sliding_window is None; set "
+                             "sliding_window (tokens a query sees)")
+        for name in ("num_swa_attention_heads", "num_swa_key_value_heads", "swa_head_dim"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+        if self.swa_head_dim % 2:
+            raise ValueError(f"swa_head_dim must be even (RoPE rotates pairs), got {self.swa_head_dim}")
+        heads, kv = self.layer_attention_heads(sliding=True)
+        if heads % kv:
+            raise ValueError(f"num_swa_key_value_heads ({kv}) must divide num_swa_attention_heads ({heads})")
+
+    def layer_attention_heads(self, sliding: bool) -> tuple[int, int]:
+        """``(query heads, KV heads)`` of the full (``sliding=False``) or sliding-window layers."""
+        if not sliding:
+            return self.num_attention_heads, self.num_key_value_heads
+        heads = self.num_swa_attention_heads or self.num_attention_heads
+        return heads, self.num_swa_key_value_heads or self.num_key_value_heads
+
+    def layer_attention(self, layer_idx: int) -> LayerAttention:
+        """Layer ``layer_idx``'s attention type, head counts, head size and window."""
+        sliding = self.layer_types[layer_idx] == "sliding_attention"
+        heads, kv = self.layer_attention_heads(sliding)
+        return LayerAttention(self.layer_types[layer_idx], heads, kv, self.swa_head_dim if sliding else self.head_dim,
+                              self.sliding_window if sliding else None)
 
     @property
     def kv_shift_is_paper_form(self) -> bool:

@@ -1,4 +1,5 @@
-"""`kvshift convert`: turn a Llama / Qwen2 / Qwen3 / Mistral causal LM into a `KVShiftForCausalLM` checkpoint.
+"""`kvshift convert`: turn a Llama / Qwen2 / Qwen3 / Mistral causal LM, or a Baichuan-M1 checkpoint (see
+:mod:`kvshift.models.baichuan_m1`), into a `KVShiftForCausalLM` checkpoint.
 
 The converted model has the source's weights under the same names plus the KV-shift weights
 ``model.layers.{i}.self_attn.k_shift/v_shift``. With ``init="identity"`` (current token 1, previous 0)
@@ -20,6 +21,8 @@ from torch import nn
 
 from ..layers.attention import init_shift_weight, is_shift_parameter
 from ..report import apply_umask, replace_dir
+from .baichuan_m1 import is_baichuan_m1, load_baichuan_m1
+from .baichuan_m1 import read_config as read_m1_config
 from .configuration import KV_SHIFT_INITS, KVShiftConfig
 from .gguf import check_gguf, is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
 from .modeling import KVShiftForCausalLM
@@ -34,7 +37,8 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
 }
-_SUPPORTED_NAMES = ", ".join(SUPPORTED_ARCHITECTURES.values())
+# and Baichuan-M1 (a KV-shift model of its own: trained shift weights, sliding-window layers), read from its files
+_SUPPORTED_NAMES = ", ".join([*SUPPORTED_ARCHITECTURES.values(), "BaichuanM1ForCausalLM"])
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -155,6 +159,27 @@ def kvshift_config_from(config, init: str = "identity") -> KVShiftConfig:
     return KVShiftConfig(**kwargs)
 
 
+def _is_baichuan_m1_source(source: str) -> bool:
+    """Whether ``source`` (a local folder or a hub id) is a Baichuan-M1 checkpoint, from its config.json."""
+    from ..paths import check_local_path
+
+    if is_gguf(source):
+        return False
+    local = check_local_path(source, "--from")
+    if local is not None:
+        return is_baichuan_m1(read_m1_config(local))
+    try:  # a hub id: only its config.json (AutoConfig would need the checkpoint's remote code)
+        from huggingface_hub import hf_hub_download
+
+        from ..paths import offline_if_unreachable
+
+        with offline_if_unreachable():
+            path = hf_hub_download(source, "config.json")
+        return is_baichuan_m1(read_m1_config(Path(path).parent))
+    except Exception:  # noqa: BLE001 - not found / offline: the regular loader reports it
+        return False
+
+
 def _load_source(source: str, dtype: torch.dtype | None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -253,6 +278,24 @@ def _tokenizer_dir(source) -> Path | None:
     return None
 
 
+def _tokenizer_code_files(folder: Path) -> list[str]:
+    """The ``.py`` modules a tokenizer_config.json's ``auto_map`` names (a tokenizer loaded with remote code)."""
+    import json
+
+    try:
+        auto = json.loads((folder / "tokenizer_config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError):
+        return []
+    names = []
+    for ref in auto.values():
+        for item in ref if isinstance(ref, list) else [ref]:
+            if isinstance(item, str) and "." in item and "--" not in item:
+                name = item.rsplit(".", 1)[0] + ".py"
+                if (folder / name).is_file() and name not in names:
+                    names.append(name)
+    return names
+
+
 def _check_tokenizer_vocab(tokenizer, vocab_size: int, where) -> None:
     if tokenizer is not None and len(tokenizer) > vocab_size:
         raise ValueError(
@@ -284,6 +327,8 @@ def _write_tokenizer(source, tokenizer, dest: Path, vocab_size: int) -> None:
         for name in TOKENIZER_FILES:
             if (local / name).is_file():
                 shutil.copy2(local / name, dest / name)
+        for name in _tokenizer_code_files(local):  # a custom tokenizer class (Baichuan's): its module too
+            shutil.copy2(local / name, dest / name)
         return
     if isinstance(source, str):  # a hub id: fetch its tokenizer if it has one
         try:
@@ -320,7 +365,12 @@ def convert_checkpoint(
     seed: int | None = None,
     overwrite: bool = False,
 ) -> KVShiftForCausalLM:
-    """Convert a Llama / Qwen2 / Qwen3 / Mistral causal LM to a :class:`KVShiftForCausalLM`.
+    """Convert a Llama / Qwen2 / Qwen3 / Mistral causal LM, or a Baichuan-M1 checkpoint, to a
+    :class:`KVShiftForCausalLM`.
+
+    A Baichuan-M1 folder (``model_type: baichuan_m1``) keeps its trained shift weights, sliding-window layers
+    and their head counts (:mod:`kvshift.models.baichuan_m1`); it is read from its files, never through its
+    remote code, and ``init`` must stay ``"identity"``.
 
     Args:
         source: a local checkpoint directory, hub id or GGUF file (dequantised by transformers' GGUF
@@ -350,7 +400,12 @@ def convert_checkpoint(
         out = Path(out_dir)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FileExistsError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
-    if isinstance(source, (str, Path)):
+    if isinstance(source, (str, Path)) and _is_baichuan_m1_source(str(source)):
+        if init != "identity":
+            raise ValueError(f"init={init!r}: a Baichuan-M1 checkpoint carries its own trained shift weights (conv_k, "
+                             "conv_v), which the conversion keeps; --init applies to checkpoints without a shift")
+        model = load_baichuan_m1(str(source), torch_dtype)
+    elif isinstance(source, (str, Path)):
         src_model = _load_source(str(source), torch_dtype)
         model = _convert_model(src_model, init, torch_dtype, share=True, seed=seed)
         del src_model

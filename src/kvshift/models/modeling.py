@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -138,6 +139,12 @@ class KVShiftModel(KVShiftPreTrainedModel):
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        # sliding-window layers with their own head size get their own cos/sin (the same RoPE otherwise)
+        self.rotary_emb_swa = None
+        if "sliding_attention" in config.layer_types and config.swa_head_dim != config.head_dim:
+            swa_config = copy.copy(config)
+            swa_config.head_dim = config.swa_head_dim
+            self.rotary_emb_swa = RotaryEmbedding(swa_config)
         self.smear = TokenSmear(config.hidden_size) if getattr(config, "token_smear", False) else None
         self.gradient_checkpointing = False
         self.post_init()
@@ -221,8 +228,9 @@ class KVShiftModel(KVShiftPreTrainedModel):
             mask_kwargs["allow_is_causal_skip"] = False
         if reset_mask is not None and (attention_mask is None or attention_mask.dim() == 2):
             mask_kwargs["and_mask_function"] = document_mask_function(reset_mask, past)
-        make_mask = create_sliding_window_causal_mask if self.config.sliding_window else create_causal_mask
-        causal_mask = make_mask(**mask_kwargs)
+        # one mask per attention type the layers use (transformers' layer_types convention)
+        mask_makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        masks = {kind: mask_makers[kind](**mask_kwargs) for kind in dict.fromkeys(self.config.layer_types)}
 
         hidden = inputs_embeds
         if self.smear is not None:
@@ -232,6 +240,8 @@ class KVShiftModel(KVShiftPreTrainedModel):
             if state is not None:
                 state.push_conv_rows({"smear": inputs_embeds}, 1, pad_mask, reset_mask)
         position_embeddings = self.rotary_emb(hidden, position_ids)
+        position_embeddings_swa = (self.rotary_emb_swa(hidden, position_ids) if self.rotary_emb_swa is not None
+                                   else position_embeddings)
         # what the attention backends may use besides the mask (flash-attention's varlen path reads
         # position_ids when there is no mask)
         backend_kwargs = {"position_ids": position_ids}
@@ -243,8 +253,9 @@ class KVShiftModel(KVShiftPreTrainedModel):
             backend_kwargs["keep_mask"] = (keep,)
         for i, layer in enumerate(self.layers):
             state = kv_shift_layer_state(cache, i) if cache is not None and layer.self_attn.use_kv_shift else None
-            hidden = layer(hidden, position_embeddings, causal_mask, cache, pad_mask, reset_mask, state,
-                           **backend_kwargs)
+            kind = self.config.layer_types[i]
+            hidden = layer(hidden, position_embeddings_swa if kind == "sliding_attention" else position_embeddings,
+                           masks[kind], cache, pad_mask, reset_mask, state, **backend_kwargs)
         hidden = self.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden, **{_OUTPUT_CACHE_FIELD: cache if use_cache else None})
 
