@@ -211,10 +211,16 @@ class KVShiftModel(KVShiftPreTrainedModel):
         # and every path below handles it branch-free. Pass position_ids on GPU only for packed rows.
         if reset_mask is not None and _host_readable(reset_mask) and not bool(reset_mask.any()):
             reset_mask = None
+        # generate() with a static cache hands over its own masks, one per layer type (transformers' convention)
+        premade = attention_mask if isinstance(attention_mask, dict) else None
+        mask_layer = 0
+        if premade is not None:
+            kind = "full_attention" if "full_attention" in premade else next(iter(premade))
+            attention_mask, mask_layer = premade[kind], self.config.layer_types.index(kind)
         kv_offset = 0
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and cache is not None:
             # a sliding-window cache layer's mask starts at kv_offset, not at position 0
-            kv_offset = cache.get_mask_sizes(T, 0)[1]
+            kv_offset = cache.get_mask_sizes(T, mask_layer)[1]
         pad_mask = _pad_mask(attention_mask, T, past, kv_offset)
 
         # Document masking has one owner: `document_mask_function`, built from the reset mask, which knows
@@ -230,7 +236,8 @@ class KVShiftModel(KVShiftPreTrainedModel):
             mask_kwargs["and_mask_function"] = document_mask_function(reset_mask, past)
         # one mask per attention type the layers use (transformers' layer_types convention)
         mask_makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-        masks = {kind: mask_makers[kind](**mask_kwargs) for kind in dict.fromkeys(self.config.layer_types)}
+        masks = {kind: premade[kind] if premade is not None and kind in premade else mask_makers[kind](**mask_kwargs)
+                 for kind in dict.fromkeys(self.config.layer_types)}
 
         hidden = inputs_embeds
         if self.smear is not None:
