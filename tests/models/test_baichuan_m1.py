@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from kvshift.cli import main
 from kvshift.models.baichuan_m1 import make_tiny_checkpoint
 from kvshift.models.convert import convert_checkpoint
 
+ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-4
 WINDOW = 6
 MIXED = dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, sliding_window=WINDOW,
@@ -255,9 +257,12 @@ def test_tiny_checkpoint_maker_keeps_an_existing_folder(tmp_path):
     out = tmp_path / "m1"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = subprocess.run([sys.executable, "-m", "kvshift.models.baichuan_m1", "--to", str(out)], capture_output=True,
-                       text=True)
+    script = [sys.executable, str(ROOT / "scripts" / "tiny_baichuan_m1.py"), "--to", str(out)]
+    r = subprocess.run(script, capture_output=True, text=True)
     assert r.returncode == 2 and "--overwrite" in r.stderr and (out / "keep.txt").read_text() == "mine"
+    r = subprocess.run([*script, "--overwrite", "--seed", "1"], capture_output=True, text=True)
+    assert r.returncode == 0 and not (out / "keep.txt").exists()
+    assert json.loads((out / "config.json").read_text())["sliding_window_layers"] == [1, 3]
 
 
 # --- the oracle: mlx-lm's Baichuan-M1 ---------------------------------------------------------------------

@@ -10,7 +10,7 @@ COMMANDS: dict[str, str] = {
     "generate": "generate text with a saved model",
     "eval": "evaluate a saved model with lm-evaluation-harness",
     "bench": "benchmarks: ratios against vanilla attention",
-    "convert": "convert a Llama / Qwen2 / Qwen3 / Mistral checkpoint",
+    "convert": "convert a Llama / Qwen2 / Qwen3 / Mistral or Baichuan-M1 checkpoint",
     "export": "export a kvshift checkpoint to another runtime (mlx: an mlx-lm model folder)",
 }
 

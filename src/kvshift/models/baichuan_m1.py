@@ -17,7 +17,8 @@ read from its remote ``modeling_baichuan.py`` and mlx-lm's ``baichuan_m1`` port:
   ``hidden_size // heads``;
 - Llama's RoPE (rotate-half) before attention, after the shift; RMSNorm; SwiGLU.
 
-:func:`make_tiny_checkpoint` writes a small random checkpoint in this layout (for tests and the docs).
+:func:`make_tiny_checkpoint` (``python scripts/tiny_baichuan_m1.py --to DIR``) writes a small random checkpoint in
+this layout, for tests and the docs.
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, *, seed: int = 0, hidden_si
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty (pass overwrite=True / --overwrite)")
+        raise FileExistsError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
     g = torch.Generator().manual_seed(seed)
     vocab = 257  # the byte tokenizer's 256 bytes + <|endoftext|>
     config = {
@@ -289,29 +290,3 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, *, seed: int = 0, hidden_si
         raise
     return out
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m kvshift.models.baichuan_m1 --to DIR``: write a tiny random Baichuan-M1 checkpoint."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m kvshift.models.baichuan_m1",
-                                     description="Write a tiny random checkpoint in Baichuan-M1's layout (4 layers, "
-                                                 "layers 1 and 3 sliding-window with their own head counts).")
-    parser.add_argument("--to", required=True, metavar="DIR", help="output folder (must not exist or be empty)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
-    parser.add_argument("--sliding-window", type=int, default=8, help="tokens a sliding-window layer sees (default: 8)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    args = parser.parse_args(argv)
-    if args.sliding_window <= 0:
-        parser.error(f"--sliding-window must be positive, got {args.sliding_window}")
-    try:
-        out = make_tiny_checkpoint(args.to, seed=args.seed, sliding_window=args.sliding_window,
-                                   overwrite=args.overwrite)
-    except FileExistsError as err:
-        parser.exit(2, f"error: {err}\n")
-    print(f"wrote a tiny random Baichuan-M1 checkpoint to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

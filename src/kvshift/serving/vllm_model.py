@@ -72,9 +72,6 @@ def check_servable(config) -> None:
             allowed = values[0] if len(values) == 1 else " / ".join(map(repr, values))
             raise ValueError(f"kvshift's vLLM model serves {what} ({field}={allowed!r}); this checkpoint has "
                              f"{field}={got!r}. Serve it with Hugging Face (kvshift generate) instead.")
-    if getattr(config, "sliding_window", None) is not None:
-        raise ValueError(f"kvshift's vLLM model has no sliding window yet; this checkpoint has "
-                         f"sliding_window={config.sliding_window}")
 
 
 def _check_head_dim(config) -> None:
@@ -86,9 +83,25 @@ def _check_head_dim(config) -> None:
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
     sizes = CPUAttentionBackend.get_supported_head_sizes()
-    if config.head_dim not in sizes:
-        raise ValueError(f"vLLM's CPU attention supports head_dim in {sizes}; this checkpoint has "
-                         f"head_dim={config.head_dim} (hidden_size / num_attention_heads unless set)")
+    for i in range(config.num_hidden_layers):
+        dim = _layer_attention(config, i).head_dim
+        if dim not in sizes:
+            field = "swa_head_dim" if config.layer_types[i] == "sliding_attention" and dim != config.head_dim \
+                else "head_dim"
+            raise ValueError(f"vLLM's CPU attention supports head sizes in {sizes}; this checkpoint has "
+                             f"{field}={dim} (hidden_size / num_attention_heads unless set)")
+
+
+def _layer_attention(config, layer_idx: int):
+    """Layer ``layer_idx``'s (type, heads, KV heads, head size, window): sliding-window layers may have
+    their own head counts (Baichuan-M1). A config from before per-layer types has one shape for all."""
+    if hasattr(config, "layer_attention"):
+        return config.layer_attention(layer_idx)
+    from kvshift.models.configuration import LayerAttention
+
+    window = getattr(config, "sliding_window", None)
+    return LayerAttention("sliding_attention" if window else "full_attention", config.num_attention_heads,
+                          config.num_key_value_heads, config.head_dim, window)
 
 
 def check_engine_config(vllm_config) -> None:
@@ -147,10 +160,17 @@ def kv_head_shard(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int,
     return tp_rank // (tp_size // total_kv_heads), 1
 
 
+def _layer_state_width(config, layer_idx: int, tp_size: int = 1) -> int:
+    """Channels of one rank's shift state in layer ``layer_idx``: its raw K row and its raw V row."""
+    shape = _layer_attention(config, layer_idx)
+    _, heads = kv_head_shard(shape.num_kv_heads, tp_size, 0)
+    return 2 * heads * shape.head_dim
+
+
 def _state_width(config, tp_size: int = 1) -> int:
-    """Channels of one rank's shift state: its raw K row and its raw V row."""
-    _, heads = kv_head_shard(config.num_key_value_heads, tp_size, 0)
-    return 2 * heads * config.head_dim
+    """Channels of every state layer's cache: the widest layer's. vLLM gives all state layers of a model one
+    shape, so layers with fewer K|V channels (sliding-window layers with their own head counts) pad theirs."""
+    return max(_layer_state_width(config, i, tp_size) for i, on in enumerate(_shift_layers(config)) if on)
 
 
 def _state_shape(width: int, window: int, num_spec: int) -> tuple[tuple[int, int]]:
@@ -209,9 +229,12 @@ class KVShiftState(MambaBase, nn.Module):
     """
 
     def __init__(self, width: int, window: int, model_config: ModelConfig | None, cache_config: CacheConfig | None,
-                 prefix: str) -> None:
+                 prefix: str, used: int | None = None) -> None:
         super().__init__()
         self.width, self.window = width, window
+        # this layer's K|V channels; the state (and weight) may be wider: vLLM gives every state layer the
+        # widest one's shape, and the extra channels stay zero
+        self.used = width if used is None else used
         self.prefix = prefix
         self.model_config, self.cache_config = model_config, cache_config
         vllm_config = get_current_vllm_config()
@@ -245,6 +268,11 @@ class KVShiftState(MambaBase, nn.Module):
         """Shifted ``[tokens, width]`` rows. vLLM's flat batch holds the decode tokens first (one per
         request, or the last token plus the drafts of a speculative step), then the prefill tokens of each
         request in order; padding rows at the end are left unshifted."""
+        if self.used < self.width:
+            return self._forward(torch.nn.functional.pad(rows, (0, self.width - self.used)))[:, :self.used]
+        return self._forward(rows)
+
+    def _forward(self, rows: torch.Tensor) -> torch.Tensor:
         meta = get_forward_context().attn_metadata
         meta = meta.get(self.prefix) if isinstance(meta, dict) else None
         if meta is None:  # the profile run: no requests, no state
@@ -313,33 +341,34 @@ class KVShiftAttention(nn.Module):
     def __init__(self, config, layer_idx: int, shift: bool, vllm_config: VllmConfig, prefix: str) -> None:
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
-        if config.num_attention_heads % tp:
-            raise ValueError(f"num_attention_heads={config.num_attention_heads} must be divisible by "
-                             f"tensor_parallel_size={tp}")
-        self.num_heads = config.num_attention_heads // tp  # this rank's query heads
-        self.first_kv_head, self.num_kv_heads = kv_head_shard(config.num_key_value_heads, tp,
-                                                              get_tensor_model_parallel_rank())
-        self.head_dim = config.head_dim
+        shape = _layer_attention(config, layer_idx)  # sliding-window layers may have their own head counts
+        heads_field = "num_swa_attention_heads" if shape.sliding_window else "num_attention_heads"
+        if shape.num_heads % tp:
+            raise ValueError(f"{heads_field}={shape.num_heads} must be divisible by tensor_parallel_size={tp}")
+        self.num_heads = shape.num_heads // tp  # this rank's query heads
+        self.first_kv_head, self.num_kv_heads = kv_head_shard(shape.num_kv_heads, tp, get_tensor_model_parallel_rank())
+        self.head_dim = shape.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         bias = bool(config.attention_bias or config.qkv_bias)
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
-                                          config.num_key_value_heads, bias=bias, prefix=f"{prefix}.qkv_proj")
-        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, shape.num_heads,
+                                          shape.num_kv_heads, bias=bias, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(shape.num_heads * self.head_dim, config.hidden_size,
                                         bias=bool(config.attention_bias), prefix=f"{prefix}.o_proj")
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.rotary_emb = get_rope(self.head_dim, max_position=config.max_position_embeddings,
                                    rope_parameters=config.rope_parameters, is_neox_style=True)
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_kv_heads,
-                              cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn")
+                              cache_config=vllm_config.cache_config, per_layer_sliding_window=shape.sliding_window,
+                              prefix=f"{prefix}.attn")
         self.parametrization = config.kv_shift_parametrization
         self.window = config.kv_shift_window
         self.per_channel = config.kv_shift_granularity == "channel"
         self.residual = bool(config.kv_shift_residual)
         self.has_checkpoint_shift = bool(config.layer_has_kv_shift(layer_idx))
-        self.shift = (KVShiftState(2 * self.kv_size, _state_window(config),
-                                   vllm_config.model_config, vllm_config.cache_config, prefix=f"{prefix}.kv_shift")
+        self.shift = (KVShiftState(_state_width(config, tp), _state_window(config), vllm_config.model_config,
+                                   vllm_config.cache_config, prefix=f"{prefix}.kv_shift", used=2 * self.kv_size)
                       if shift else None)
         if self.has_checkpoint_shift:  # raw weights as saved, per KV head of this rank: (current, lag 1, ...)
             shape = (self.num_kv_heads, self.head_dim, self.window) if self.per_channel else (self.num_kv_heads,
@@ -349,7 +378,7 @@ class KVShiftAttention(nn.Module):
             for param in (self.k_shift, self.v_shift):
                 param.weight_loader = self._load_shift
         elif self.shift is not None:  # the identity mixer of a model with the shift off everywhere
-            self.shift.weight[:, -1].fill_(1.0)
+            self.shift.weight[:self.shift.used, -1].fill_(1.0)
 
     def _load_shift(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         """Take this rank's KV heads out of a checkpoint's ``[num_key_value_heads, 2]`` shift weights."""
@@ -374,7 +403,7 @@ class KVShiftAttention(nn.Module):
         weight = torch.cat(cols, dim=0)
         if self.residual:
             weight[:, -1] += 1.0
-        self.shift.weight.copy_(weight)
+        self.shift.weight[:weight.shape[0]].copy_(weight)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         n = hidden_states.shape[0]
