@@ -36,6 +36,11 @@ CASES = {
                                 kv_shift_granularity="channel", kv_shift_residual=True),
     "w4-gate": dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, kv_shift_window=4,
                     kv_shift_parametrization="gate"),
+    # Baichuan-M1's shape: a sliding-window layer (8 tokens, shorter than most prompts) with its own head counts
+    # (2 heads of size 64, 2 KV heads: twice the full layer's K|V channels, so the full layer's state is padded)
+    "sliding-own-heads": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"], num_swa_attention_heads=2,
+                              num_swa_key_value_heads=2),
 }
 
 
@@ -123,13 +128,14 @@ def test_prefix_caching_matches_hf(tmp_path, name):
 
 @pytest.mark.parametrize("field,value", [("kv_shift_window", 5), ("kv_shift_position", "post_rope"),
                                          ("kv_shift_targets", "k"), ("kv_shift_targets", "qkv"),
-                                         ("token_smear", True), ("hidden_act", "gelu"), ("sliding_window", 16)])
+                                         ("token_smear", True), ("hidden_act", "gelu")])
 def test_unservable_configs_are_refused_naming_the_field(field, value):
     from kvshift.models import KVShiftConfig
     from kvshift.serving.vllm_model import check_servable
 
     check_servable(KVShiftConfig())  # the default config serves, and so do the convolution variants
     check_servable(KVShiftConfig(kv_shift_window=4, kv_shift_granularity="channel", kv_shift_residual=True))
+    check_servable(KVShiftConfig(sliding_window=16))  # and sliding windows
     with pytest.raises(ValueError, match=field):
         check_servable(KVShiftConfig(**{field: value}))
 
@@ -141,6 +147,39 @@ def test_a_head_size_without_a_cpu_kernel_is_refused_naming_head_dim():
     _check_head_dim(KVShiftConfig(hidden_size=64, num_attention_heads=2))  # head_dim 32: served
     with pytest.raises(ValueError, match="head_dim=16"):
         _check_head_dim(KVShiftConfig(hidden_size=64, num_attention_heads=4))
+    with pytest.raises(ValueError, match="swa_head_dim=16"):  # a sliding-window layer's own head size
+        _check_head_dim(KVShiftConfig(hidden_size=64, num_attention_heads=2, sliding_window=4, num_hidden_layers=2,
+                                      layer_types=["full_attention", "sliding_attention"], swa_head_dim=16))
+
+
+def test_the_window_changes_the_reference(tmp_path):
+    """The sliding-window comparison can fail: the same weights without the window decode other tokens."""
+    from kvshift.models import KVShiftForCausalLM
+
+    path = _save(tmp_path / "ck", **CASES["sliding-own-heads"])
+    prompts = mixed_prompts(32, (1, 45))
+    windowed, _ = hf_greedy(str(path), prompts, NEW)
+    model = KVShiftForCausalLM.from_pretrained(str(path)).eval()
+    model.config.sliding_window = 10_000  # what a server that ignored the window would compute
+    full, _ = hf_greedy(str(path), prompts, NEW, model=model)
+    assert len(_mismatches(full, windowed)) >= 8
+
+
+def test_a_converted_baichuan_m1_checkpoint_serves_like_hf(tmp_path):
+    """`kvshift convert` of a Baichuan-M1-layout checkpoint (GQA; layers 1 and 3 sliding over 8 tokens with their
+    own head counts): vLLM's tokens equal Hugging Face's, for prompts longer than the window."""
+    from kvshift.models.baichuan_m1 import make_tiny_checkpoint
+    from kvshift.models.convert import convert_checkpoint
+
+    src = make_tiny_checkpoint(tmp_path / "m1", hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                               num_swa_attention_heads=2, num_swa_key_value_heads=1, sliding_window=8)
+    path = str(tmp_path / "kv")
+    convert_checkpoint(str(src), path)
+    prompts = mixed_prompts(16, (9, 40))
+    reference, _ = hf_greedy(path, prompts, NEW)
+    tokens, _ = vllm_greedy(path, prompts, NEW, max_num_seqs=8, enable_chunked_prefill=True,
+                            max_num_batched_tokens=16)
+    assert _mismatches(tokens, reference) == []
 
 
 def test_bench_vllm_times_vllm_alone_or_against_the_hf_baselines_asked_for(tmp_path):

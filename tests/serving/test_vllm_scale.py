@@ -209,13 +209,18 @@ def test_kv_head_shard_refuses_uneven_splits():
         kv_head_shard(2, 3, 0)
 
 
-@pytest.mark.parametrize("kv_heads", [2, 1], ids=["sharded", "replicated"])
-def test_tensor_parallel_2_matches_hf(tmp_path, monkeypatch, kv_heads):
+TP_CASES = {"sharded": dict(num_key_value_heads=2), "replicated": dict(num_key_value_heads=1),
+            # a sharded full layer and a sliding-window layer (8 tokens) with its own heads, its one KV head replicated
+            "sliding-own-heads": dict(num_key_value_heads=2, sliding_window=8, num_swa_attention_heads=2,
+                                      num_swa_key_value_heads=1, layer_types=["full_attention", "sliding_attention"])}
+
+
+@pytest.mark.parametrize("name", list(TP_CASES))
+def test_tensor_parallel_2_matches_hf(tmp_path, monkeypatch, name):
     """Two CPU ranks: each holds its KV heads' shift weights and state channels; the tokens equal HF's
     (and so TP=1's). Breaking the shard (every rank taking head 0's weights) makes this fail."""
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    path = _save(tmp_path / "ck", num_key_value_heads=kv_heads, qk_norm=True, qkv_bias=True,
-                 max_position_embeddings=96)
+    path = _save(tmp_path / "ck", qk_norm=True, qkv_bias=True, max_position_embeddings=96, **TP_CASES[name])
     prompts = mixed_prompts(16, (1, 45))
     reference, _ = hf_greedy(path, prompts, 16)
     tokens, stats = vllm_greedy(path, prompts, 16, max_num_seqs=8, tensor_parallel_size=2)

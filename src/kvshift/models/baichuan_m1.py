@@ -214,12 +214,10 @@ def load_baichuan_m1(source: str | os.PathLike, dtype: torch.dtype | None = None
         raise RuntimeError(f"conversion left tensors unset: {left}")
     config.dtype = dtype
     model.name_or_path = str(folder)
-    try:
+    if (folder / "generation_config.json").is_file():
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
-    except OSError:  # no generation_config.json
-        pass
     return model.eval()
 
 

@@ -136,7 +136,8 @@ class KVShiftConfig(PreTrainedConfig):
       layer, ``"full_attention"`` or ``"sliding_attention"`` (a query sees itself and the
       ``sliding_window - 1`` tokens before it); when not given, every layer is ``"sliding_attention"`` if
       ``sliding_window`` is set (Mistral) and ``"full_attention"`` otherwise. The shift is unaffected by the
-      window: the decode state keeps the raw last row, which never leaves with the window.
+      window: the decode state keeps the raw last row, which never leaves with the window. A model whose
+      layers all attend fully stores ``layer_types = sliding_window = None`` (the same model).
     - ``num_swa_attention_heads``, ``num_swa_key_value_heads``, ``swa_head_dim``: the sliding-window layers'
       own head counts and head size (Baichuan-M1's names; each defaults to the full layers' value, and
       ``swa_head_dim`` to ``hidden_size // num_swa_attention_heads`` when only the head count is given, as
@@ -237,10 +238,10 @@ class KVShiftConfig(PreTrainedConfig):
         self._check()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.layer_types is None:  # transformers' rule: a window with no layer types slides everywhere
-            kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
-            self.layer_types = [kind] * self.num_hidden_layers
-        else:
+        if self.layer_types is None and self.sliding_window is not None:
+            # transformers' rule: a window with no layer types slides in every layer
+            self.layer_types = ["sliding_attention"] * self.num_hidden_layers
+        elif self.layer_types is not None:
             self.layer_types = list(self.layer_types)
         if self.swa_head_dim is None:
             self.swa_head_dim = (self.hidden_size // self.num_swa_attention_heads if self.num_swa_attention_heads
@@ -336,6 +337,8 @@ class KVShiftConfig(PreTrainedConfig):
 
     def _check_layers(self) -> None:
         types = self.layer_types
+        if types is None:
+            return
         if not isinstance(types, list) or len(types) != self.num_hidden_layers:
             raise ValueError(f"layer_types must be a list with one entry per layer (num_hidden_layers = "
                              f"{self.num_hidden_layers}), got {types!r}")
@@ -345,6 +348,10 @@ class KVShiftConfig(PreTrainedConfig):
         if "sliding_attention" in types and self.sliding_window is None:
             raise ValueError("layer_types has 'sliding_attention' layers but sliding_window is None; set "
                              "sliding_window (tokens a query sees)")
+        if "sliding_attention" not in types:
+            # every layer attends fully: stored as no types and no window, the same model in the form every reader
+            # takes for it (vLLM takes a model whose layer_types are all full attention for one without state)
+            self.layer_types = self.sliding_window = None
         for name in ("num_swa_attention_heads", "num_swa_key_value_heads", "swa_head_dim"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
@@ -362,11 +369,16 @@ class KVShiftConfig(PreTrainedConfig):
         heads = self.num_swa_attention_heads or self.num_attention_heads
         return heads, self.num_swa_key_value_heads or self.num_key_value_heads
 
+    def layer_type(self, layer_idx: int) -> str:
+        """``"full_attention"`` or ``"sliding_attention"`` (``layer_types`` is None when every layer attends fully)."""
+        return self.layer_types[layer_idx] if self.layer_types is not None else "full_attention"
+
     def layer_attention(self, layer_idx: int) -> LayerAttention:
         """Layer ``layer_idx``'s attention type, head counts, head size and window."""
-        sliding = self.layer_types[layer_idx] == "sliding_attention"
+        kind = self.layer_type(layer_idx)
+        sliding = kind == "sliding_attention"
         heads, kv = self.layer_attention_heads(sliding)
-        return LayerAttention(self.layer_types[layer_idx], heads, kv, self.swa_head_dim if sliding else self.head_dim,
+        return LayerAttention(kind, heads, kv, self.swa_head_dim if sliding else self.head_dim,
                               self.sliding_window if sliding else None)
 
     @property

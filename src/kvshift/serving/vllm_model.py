@@ -86,7 +86,7 @@ def _check_head_dim(config) -> None:
     for i in range(config.num_hidden_layers):
         dim = _layer_attention(config, i).head_dim
         if dim not in sizes:
-            field = "swa_head_dim" if config.layer_types[i] == "sliding_attention" and dim != config.head_dim \
+            field = "swa_head_dim" if _layer_attention(config, i).sliding_window and dim != config.head_dim \
                 else "head_dim"
             raise ValueError(f"vLLM's CPU attention supports head sizes in {sizes}; this checkpoint has "
                              f"{field}={dim} (hidden_size / num_attention_heads unless set)")
