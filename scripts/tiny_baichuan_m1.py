@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvshift.data.tokenizer import byte_tokenizer
 from kvshift.models.baichuan_m1 import make_tiny_checkpoint
 
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sliding-window must be positive, got {args.sliding_window}")
     try:
         out = make_tiny_checkpoint(args.to, seed=args.seed, sliding_window=args.sliding_window,
-                                   overwrite=args.overwrite)
+                                   tokenizer=byte_tokenizer(), overwrite=args.overwrite)
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from kvshift import KVShiftForCausalLM
 from kvshift.cli import main
+from kvshift.data.tokenizer import byte_tokenizer
 from kvshift.models.baichuan_m1 import make_tiny_checkpoint
 from kvshift.models.convert import convert_checkpoint
 
@@ -35,7 +36,8 @@ mlx_needed = pytest.mark.skipif(
 def m1_dir(tmp_path_factory):
     """A tiny random checkpoint in Baichuan-M1's layout: GQA, layers 1 and 3 sliding (window 6) with their own
     head counts (2 heads of size 32 / 1 KV head, against 4 of size 16 / 2)."""
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("m1") / "m1", seed=0, sliding_window=WINDOW)
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("m1") / "m1", seed=0, sliding_window=WINDOW,
+                                tokenizer=byte_tokenizer())
 
 
 @pytest.fixture(scope="module")

@@ -172,7 +172,8 @@ def test_a_converted_baichuan_m1_checkpoint_serves_like_hf(tmp_path):
     from kvshift.models.convert import convert_checkpoint
 
     src = make_tiny_checkpoint(tmp_path / "m1", hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                               num_swa_attention_heads=2, num_swa_key_value_heads=1, sliding_window=8)
+                               num_swa_attention_heads=2, num_swa_key_value_heads=1, sliding_window=8,
+                               tokenizer=byte_tokenizer())
     path = str(tmp_path / "kv")
     convert_checkpoint(str(src), path)
     prompts = mixed_prompts(16, (9, 40))

@@ -225,11 +225,11 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, *, seed: int = 0, hidden_si
                          num_hidden_layers: int = 4, num_attention_heads: int = 4, num_key_value_heads: int = 2,
                          num_swa_attention_heads: int = 2, num_swa_key_value_heads: int = 1,
                          sliding_window_layers: tuple[int, ...] = (1, 3), sliding_window: int = 8,
-                         intermediate_size: int = 128, tokenizer: bool = True, overwrite: bool = False) -> Path:
+                         intermediate_size: int = 128, tokenizer=None, overwrite: bool = False) -> Path:
     """Write a small random checkpoint in Baichuan-M1's layout (its config fields, ``W_pack``, ``conv_k`` /
     ``conv_v`` drawn as Baichuan initialises them: a softmax of a normal draw, an un-normalised NormHead)
-    to ``out_dir``, with kvshift's byte-level tokenizer (vocabulary 257). For tests and the docs: its
-    weights are random, so it computes nothing meaningful."""
+    to ``out_dir``, with a vocabulary of 257 (kvshift's byte-level tokenizer: pass ``tokenizer`` to save one
+    beside it). For tests and the docs: its weights are random, so it computes nothing meaningful."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -277,10 +277,8 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, *, seed: int = 0, hidden_si
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
-        if tokenizer:
-            from ..data.tokenizer import byte_tokenizer
-
-            byte_tokenizer().save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         apply_umask(tmp)
         replace_dir(tmp, out)
     except BaseException:
