@@ -319,3 +319,16 @@ def test_reading_conv_index_0_as_the_current_token_breaks_the_oracle(m1_dir, tmp
     want = np.array(oracle(mx.array(ids.numpy()))[0])
     assert np.abs(_logits(model, ids)[0].numpy() - want).max() > 1e-2
 
+
+
+def test_training_starts_from_a_baichuan_m1_folder_as_converted(m1_dir, m1):
+    """`kvshift train --init-from <M1 folder>` starts from the converted model: its layer types, head counts and
+    trained shift weights (not a fresh identity shift), computing what the conversion computes."""
+    from kvshift.train.recipes import get_recipe
+    from kvshift.train.retrofit import checkpoint_config, init_from_checkpoint, load_start_model
+
+    assert checkpoint_config(str(m1_dir)).layer_types == m1.config.layer_types
+    model, _ = load_start_model(init_from_checkpoint(get_recipe("tiny"), str(m1_dir)))
+    assert torch.equal(model.model.layers[1].self_attn.k_shift.detach(), m1.model.layers[1].self_attn.k_shift)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(8))
+    assert (_logits(model.eval(), ids) - _logits(m1, ids)).abs().max() <= 1e-5

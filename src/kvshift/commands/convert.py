@@ -39,7 +39,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {w.message}", file=sys.stderr)
     c = model.config
     n_params = sum(p.numel() for p in model.parameters())
+    sliding = [i for i in range(c.num_hidden_layers) if c.layer_type(i) == "sliding_attention"]
+    swa = ""
+    if sliding:
+        heads, kv = c.layer_attention_heads(sliding=True)
+        swa = (f" (layers {', '.join(map(str, sliding))} slide over {c.sliding_window} tokens with {heads} heads / "
+               f"{kv} KV heads)")
     print(f"converted {args.source} -> {args.out_dir}: {c.num_hidden_layers} layers, "
-          f"{c.num_attention_heads} heads / {c.num_key_value_heads} KV heads, {n_params:,} parameters, "
+          f"{c.num_attention_heads} heads / {c.num_key_value_heads} KV heads{swa}, {n_params:,} parameters, "
           f"kv_shift_init={args.init}, dtype={str(next(model.parameters()).dtype).removeprefix('torch.')}")
     return 0

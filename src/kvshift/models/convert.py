@@ -319,10 +319,16 @@ def _write_tokenizer(source, tokenizer, dest: Path, vocab_size: int) -> None:
         return
     local = _tokenizer_dir(source)
     if local is not None:
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a model type transformers does not know (baichuan_m1) is no news here
         try:
             tok = AutoTokenizer.from_pretrained(str(local))
         except Exception:  # noqa: BLE001 - an unloadable tokenizer is copied as is, unchecked
             tok = None
+        finally:
+            hf_logging.set_verbosity(level)
         _check_tokenizer_vocab(tok, vocab_size, local)
         for name in TOKENIZER_FILES:
             if (local / name).is_file():
