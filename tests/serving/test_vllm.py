@@ -112,7 +112,7 @@ def test_preemption_matches_hf(tmp_path):
     assert _mismatches(tokens, reference) == []
 
 
-@pytest.mark.parametrize("name", ["gqa-gate-qknorm-layer0", "w3-channel-residual"])
+@pytest.mark.parametrize("name", ["gqa-gate-qknorm-layer0", "w3-channel-residual", "sliding-own-heads"])
 def test_prefix_caching_matches_hf(tmp_path, name):
     """Prompts sharing a 65-70-token prefix, one at a time: later ones start from cached blocks, and from
     the shift state vLLM saved at that block boundary ('align' mode; two raw rows for window 3)."""

@@ -126,7 +126,10 @@ def _repetitive_prompts(n: int = 16, seed: int = 5) -> list[list[int]]:
 SPEC_CASES = {"paper": dict(num_key_value_heads=2),
               # the lab's window-3 per-channel residual mixer: a three-column state window to roll back
               "w3-channel-residual": dict(num_key_value_heads=2, kv_shift_window=3, kv_shift_granularity="channel",
-                                          kv_shift_residual=True)}
+                                          kv_shift_residual=True),
+              # a sliding-window layer (8 tokens) with its own heads: the window moves back with a rejected draft
+              "sliding-own-heads": dict(num_key_value_heads=2, sliding_window=8, num_swa_attention_heads=2,
+                                        num_swa_key_value_heads=1, layer_types=["sliding_attention", "full_attention"])}
 
 
 def _spec_case(root, name):
