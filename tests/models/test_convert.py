@@ -35,6 +35,9 @@ SOURCES = {
     "mistral_mha": (MistralConfig, MistralForCausalLM, dict(num_key_value_heads=4, sliding_window=None)),
     "mistral_gqa_window": (MistralConfig, MistralForCausalLM, dict(num_key_value_heads=1, sliding_window=5,
                                                                    head_dim=16)),
+    # Qwen2's max_window_layers: layer 0 full, layer 1 sliding over 5 tokens (shorter than the 13-token inputs)
+    "qwen2_mixed_window": (Qwen2Config, Qwen2ForCausalLM, dict(num_key_value_heads=2, use_sliding_window=True,
+                                                               sliding_window=5, max_window_layers=1)),
 }
 
 
@@ -72,6 +75,8 @@ def test_identity_conversion_equals_source(name):
     assert c.kv_shift_init == "identity" and c.qkv_bias == name.startswith("qwen2")
     assert c.rope_theta == src.config.rope_parameters["rope_theta"]
     assert c.sliding_window == getattr(src.config, "sliding_window", None)
+    if name == "qwen2_mixed_window":
+        assert src.config.layer_types == c.layer_types == ["full_attention", "sliding_attention"]
     assert (all_logits(model, IDS) - all_logits(src, IDS)).abs().max() <= 1e-5
     kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(model.generate(IDS, **kw), src.generate(IDS, **kw))

@@ -243,6 +243,7 @@ class KVShiftConfig(PreTrainedConfig):
             self.layer_types = ["sliding_attention"] * self.num_hidden_layers
         elif self.layer_types is not None:
             self.layer_types = list(self.layer_types)
+        self._check_swa_fields()
         if self.swa_head_dim is None:
             self.swa_head_dim = (self.hidden_size // self.num_swa_attention_heads if self.num_swa_attention_heads
                                  else self.head_dim)
@@ -335,6 +336,12 @@ class KVShiftConfig(PreTrainedConfig):
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window}")
 
+    def _check_swa_fields(self) -> None:
+        for name in ("num_swa_attention_heads", "num_swa_key_value_heads", "swa_head_dim"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+
     def _check_layers(self) -> None:
         types = self.layer_types
         if types is None:
@@ -352,10 +359,6 @@ class KVShiftConfig(PreTrainedConfig):
             # every layer attends fully: stored as no types and no window, the same model in the form every reader
             # takes for it (vLLM takes a model whose layer_types are all full attention for one without state)
             self.layer_types = self.sliding_window = None
-        for name in ("num_swa_attention_heads", "num_swa_key_value_heads", "swa_head_dim"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
         if self.swa_head_dim % 2:
             raise ValueError(f"swa_head_dim must be even (RoPE rotates pairs), got {self.swa_head_dim}")
         heads, kv = self.layer_attention_heads(sliding=True)

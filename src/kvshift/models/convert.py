@@ -98,25 +98,25 @@ def _rope_parameters(config) -> dict:
     return out
 
 
-def _sliding_window(config, model_type: str) -> int | None:
+def _sliding_window(config, model_type: str) -> tuple[int | None, list[str] | None]:
+    """``(sliding_window, layer_types)`` of the source: which layers slide, over how many tokens."""
     if model_type == "llama":
-        return None
+        return None, None
     window = getattr(config, "sliding_window", None)
+    if model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
+        return None, None
+    if not window:
+        return None, None
     layer_types = getattr(config, "layer_types", None)
-    if model_type in ("qwen2", "qwen3"):
-        if not getattr(config, "use_sliding_window", False):
-            return None
-        kinds = set(layer_types or ["sliding_attention"])
-        if kinds == {"full_attention"}:
-            return None
-        if kinds != {"sliding_attention"}:
-            raise ValueError(
-                "cannot convert: this Qwen2 checkpoint mixes sliding-window and full-attention layers "
-                f"(layer_types={layer_types}); kvshift uses one attention type for every layer"
-            )
-    if layer_types and set(layer_types) == {"full_attention"}:
-        return None
-    return int(window) if window else None
+    if not layer_types:
+        return int(window), None  # a window in every layer (Mistral)
+    bad = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if bad:
+        raise ValueError(f"cannot convert: layer_types has {bad[0]!r}; kvshift has full_attention and "
+                         "sliding_attention layers")
+    if "sliding_attention" not in layer_types:
+        return None, None
+    return int(window), list(layer_types)
 
 
 def kvshift_config_from(config, init: str = "identity") -> KVShiftConfig:
@@ -128,6 +128,7 @@ def kvshift_config_from(config, init: str = "identity") -> KVShiftConfig:
     if partial not in (None, 1, 1.0):
         raise ValueError(f"cannot convert: partial_rotary_factor={partial} is not supported (full RoPE only)")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    window, layer_types = _sliding_window(config, model_type)
     kwargs = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -151,7 +152,8 @@ def kvshift_config_from(config, init: str = "identity") -> KVShiftConfig:
         qk_norm=model_type == "qwen3",
         attention_dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
         mlp_bias=bool(getattr(config, "mlp_bias", False)) if model_type == "llama" else False,
-        sliding_window=_sliding_window(config, model_type),
+        sliding_window=window,
+        layer_types=layer_types,
         kv_shift=True,
         kv_shift_init=init,
         kv_shift_position="pre_rope",
