@@ -27,6 +27,11 @@ CASES = {
     "gqa-gate-qknorm-layer0-tied": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, qk_norm=True,
                                         qkv_bias=True, kv_shift_parametrization="gate", kv_shift=[True, False],
                                         tie_word_embeddings=True),
+    # Baichuan-M1's shape: layer 0 slides over 8 tokens (the prompts are longer) with its own heads (2 of size 64,
+    # 1 KV head: a rotating KV cache beside the shift state)
+    "sliding-own-heads": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"], num_swa_attention_heads=2,
+                              num_swa_key_value_heads=1),
 }
 
 

@@ -10,6 +10,11 @@ decode state is the raw K and V rows of the last token it has seen, kept beside 
 cache (``CacheList(ArraysCache(2), KVCache())``), so prompts prefilled in several steps and cached
 generation see the same predecessor as one full forward. Sequences start with a zero predecessor.
 
+Sliding-window layers (``layer_types``) attend to their last ``sliding_window`` tokens with a
+``RotatingKVCache`` and may have their own head counts (``num_swa_attention_heads``,
+``num_swa_key_value_heads``, ``swa_head_dim``: Baichuan-M1's layout); their shift state is the same raw last
+row, which does not leave with the window.
+
 (No ``from __future__ import annotations`` here: mlx-lm executes this file without registering it as a
 module, and ``dataclasses`` cannot resolve string annotations of such a module.)
 """
@@ -20,7 +25,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_attention_mask, scaled_dot_product_attention
-from mlx_lm.models.cache import ArraysCache, CacheList, KVCache
+from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 
@@ -44,12 +49,24 @@ class ModelArgs(BaseModelArgs):
     qk_norm: bool = False
     mlp_bias: bool = False
     kv_shift: list[bool] = field(default_factory=list)
+    layer_types: list[str] | None = None  # "full_attention" / "sliding_attention"; None: every layer full
+    sliding_window: int | None = None
+    num_swa_attention_heads: int | None = None
+    num_swa_key_value_heads: int | None = None
+    swa_head_dim: int | None = None
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, shift: bool) -> None:
+    def __init__(self, args: ModelArgs, shift: bool, sliding: bool = False) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        if sliding:  # a sliding-window layer's own shape
+            self.n_heads = args.num_swa_attention_heads or self.n_heads
+            self.n_kv_heads = args.num_swa_key_value_heads or self.n_kv_heads
+            self.head_dim = args.swa_head_dim or self.head_dim
         self.scale = self.head_dim**-0.5
         qkv_bias = args.attention_bias or args.qkv_bias
         self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=qkv_bias)
@@ -114,9 +131,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, shift: bool) -> None:
+    def __init__(self, args: ModelArgs, shift: bool, sliding: bool = False) -> None:
         super().__init__()
-        self.self_attn = Attention(args, shift)
+        self.self_attn = Attention(args, shift, sliding)
         self.mlp = MLP(args)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
@@ -130,17 +147,24 @@ class KVShiftModel(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, shift) for shift in args.kv_shift]
+        self.args = args
+        self.layers = [DecoderLayer(args, shift, args.is_sliding(i)) for i, shift in enumerate(args.kv_shift)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         h = self.embed_tokens(inputs)
         cache = cache if cache is not None else [None] * len(self.layers)
-        first = next((c for c in cache if c is not None), None)
-        kv = first[1] if isinstance(first, CacheList) else first
-        mask = create_attention_mask(h, kv)
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, mask, c)
+        sliding = [self.args.is_sliding(i) for i in range(len(self.layers))]
+
+        def kv_cache(kind: bool):  # the KV cache of the first layer of this kind (its mask serves them all)
+            c = next((c for c, s in zip(cache, sliding) if s == kind), None)
+            return c[1] if isinstance(c, CacheList) else c
+
+        masks = {False: create_attention_mask(h, kv_cache(False)) if False in sliding else None,
+                 True: create_attention_mask(h, kv_cache(True), window_size=self.args.sliding_window)
+                 if True in sliding else None}
+        for layer, c, s in zip(self.layers, cache, sliding):
+            h = layer(h, masks[s], c)
         return self.norm(h)
 
 
@@ -164,8 +188,13 @@ class Model(nn.Module):
         return self.model.layers
 
     def make_cache(self):
-        """Per layer: the shift state (raw last K and V rows) and the KV cache, or the KV cache alone."""
-        return [CacheList(ArraysCache(size=2), KVCache()) if shift else KVCache() for shift in self.args.kv_shift]
+        """Per layer: the shift state (raw last K and V rows) and the KV cache (rotating over the window for a
+        sliding-window layer), or the KV cache alone."""
+        caches = []
+        for i, shift in enumerate(self.args.kv_shift):
+            kv = RotatingKVCache(max_size=self.args.sliding_window) if self.args.is_sliding(i) else KVCache()
+            caches.append(CacheList(ArraysCache(size=2), kv) if shift else kv)
+        return caches
 
     def sanitize(self, weights: dict) -> dict:
         if self.args.tie_word_embeddings:

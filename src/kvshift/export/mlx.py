@@ -25,19 +25,19 @@ _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
 _CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "rope_theta",
                   "rope_parameters", "tie_word_embeddings", "attention_bias", "qkv_bias", "qk_norm", "mlp_bias",
-                  "bos_token_id", "eos_token_id", "pad_token_id")
+                  "bos_token_id", "eos_token_id", "pad_token_id", "layer_types", "sliding_window",
+                  "num_swa_attention_heads", "num_swa_key_value_heads", "swa_head_dim")
 
 
 def check_exportable(config) -> None:
     """Raise ``ValueError`` naming the config field when the MLX model cannot express this checkpoint."""
     wants = {"kv_shift_targets": "kv", "kv_shift_window": 2, "kv_shift_granularity": "head",
-             "kv_shift_residual": False, "kv_shift_position": "pre_rope", "token_smear": False, "hidden_act": "silu",
-             "sliding_window": None}
+             "kv_shift_residual": False, "kv_shift_position": "pre_rope", "token_smear": False, "hidden_act": "silu"}
     for name, value in wants.items():
         got = getattr(config, name, value)
         if got != value:
             raise ValueError(f"kvshift export mlx writes the paper's shift (K and V, window 2, per KV head, before "
-                             f"RoPE) in a SwiGLU model without a sliding window; this checkpoint has {name}={got!r} "
+                             f"RoPE) in a SwiGLU model; this checkpoint has {name}={got!r} "
                              f"(the MLX model needs {name}={value!r})")
 
 
