@@ -62,11 +62,9 @@ def _logits(model, ids, **kw):
 
 # --- the config -------------------------------------------------------------------------------------------
 def test_layer_types_follow_transformers_convention():
-    plain = tiny_config()
-    assert plain.layer_types is None and [plain.layer_type(i) for i in range(2)] == ["full_attention"] * 2
-    # every layer full: the same model as no types and no window (Qwen2's unused sliding_window)
-    same = tiny_config(sliding_window=8, layer_types=["full_attention"] * 2)
-    assert same.layer_types is None and same.sliding_window is None
+    assert tiny_config().layer_types == ["full_attention"] * 2
+    unused = tiny_config(sliding_window=8, layer_types=["full_attention"] * 2)  # Qwen2's unused window
+    assert [unused.layer_attention(i).sliding_window for i in range(2)] == [None, None]
     assert tiny_config(sliding_window=8).layer_types == ["sliding_attention"] * 2  # Mistral: a window everywhere
     c = tiny_config(**MIXED)
     assert c.layer_attention(0) == ("full_attention", 4, 2, 8, None)

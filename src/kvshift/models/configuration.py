@@ -136,8 +136,7 @@ class KVShiftConfig(PreTrainedConfig):
       layer, ``"full_attention"`` or ``"sliding_attention"`` (a query sees itself and the
       ``sliding_window - 1`` tokens before it); when not given, every layer is ``"sliding_attention"`` if
       ``sliding_window`` is set (Mistral) and ``"full_attention"`` otherwise. The shift is unaffected by the
-      window: the decode state keeps the raw last row, which never leaves with the window. A model whose
-      layers all attend fully stores ``layer_types = sliding_window = None`` (the same model).
+      window: the decode state keeps the raw last row, which never leaves with the window.
     - ``num_swa_attention_heads``, ``num_swa_key_value_heads``, ``swa_head_dim``: the sliding-window layers'
       own head counts and head size (Baichuan-M1's names; each defaults to the full layers' value, and
       ``swa_head_dim`` to ``hidden_size // num_swa_attention_heads`` when only the head count is given, as
@@ -238,10 +237,10 @@ class KVShiftConfig(PreTrainedConfig):
         self._check()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.layer_types is None and self.sliding_window is not None:
-            # transformers' rule: a window with no layer types slides in every layer
-            self.layer_types = ["sliding_attention"] * self.num_hidden_layers
-        elif self.layer_types is not None:
+        if self.layer_types is None:  # transformers' rule: a window with no layer types slides in every layer
+            kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
+        else:
             self.layer_types = list(self.layer_types)
         self._check_swa_fields()
         if self.swa_head_dim is None:
@@ -355,10 +354,6 @@ class KVShiftConfig(PreTrainedConfig):
         if "sliding_attention" in types and self.sliding_window is None:
             raise ValueError("layer_types has 'sliding_attention' layers but sliding_window is None; set "
                              "sliding_window (tokens a query sees)")
-        if "sliding_attention" not in types:
-            # every layer attends fully: stored as no types and no window, the same model in the form every reader
-            # takes for it (vLLM takes a model whose layer_types are all full attention for one without state)
-            self.layer_types = self.sliding_window = None
         if self.swa_head_dim % 2:
             raise ValueError(f"swa_head_dim must be even (RoPE rotates pairs), got {self.swa_head_dim}")
         heads, kv = self.layer_attention_heads(sliding=True)
@@ -373,7 +368,7 @@ class KVShiftConfig(PreTrainedConfig):
         return heads, self.num_swa_key_value_heads or self.num_key_value_heads
 
     def layer_type(self, layer_idx: int) -> str:
-        """``"full_attention"`` or ``"sliding_attention"`` (``layer_types`` is None when every layer attends fully)."""
+        """``"full_attention"`` or ``"sliding_attention"``."""
         return self.layer_types[layer_idx] if self.layer_types is not None else "full_attention"
 
     def layer_attention(self, layer_idx: int) -> LayerAttention:
