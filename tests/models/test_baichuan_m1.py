@@ -330,3 +330,19 @@ def test_training_starts_from_a_baichuan_m1_folder_as_converted(m1_dir, m1):
     assert torch.equal(model.model.layers[1].self_attn.k_shift.detach(), m1.model.layers[1].self_attn.k_shift)
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(8))
     assert (_logits(model.eval(), ids) - _logits(m1, ids)).abs().max() <= 1e-5
+
+
+def test_a_custom_tokenizer_class_is_copied_with_its_module(m1_dir, tmp_path):
+    """Baichuan's tokenizer is remote code (tokenizer_config.json's auto_map names tokenization_baichuan.py): the
+    conversion copies the module beside the tokenizer files, so AutoTokenizer(..., trust_remote_code=True) works."""
+    import shutil
+
+    src = tmp_path / "m1"
+    shutil.copytree(m1_dir, src)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["auto_map"] = {"AutoTokenizer": ["tokenization_baichuan.BaichuanTokenizer", None]}
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (src / "tokenization_baichuan.py").write_text("# Baichuan's tokenizer class\n")
+    convert_checkpoint(str(src), tmp_path / "kv")
+    assert (tmp_path / "kv" / "tokenization_baichuan.py").read_text() == "# Baichuan's tokenizer class\n"
+    assert json.loads((tmp_path / "kv" / "tokenizer_config.json").read_text())["auto_map"] == cfg["auto_map"]

@@ -413,6 +413,7 @@ def convert_checkpoint(
             raise ValueError(f"init={init!r}: a Baichuan-M1 checkpoint carries its own trained shift weights (conv_k, "
                              "conv_v), which the conversion keeps; --init applies to checkpoints without a shift")
         model = load_baichuan_m1(str(source), torch_dtype)
+        source = model.name_or_path  # the local folder (a Hub snapshot for a hub id): its tokenizer files are copied
     elif isinstance(source, (str, Path)):
         src_model = _load_source(str(source), torch_dtype)
         model = _convert_model(src_model, init, torch_dtype, share=True, seed=seed)
