@@ -111,6 +111,23 @@ def test_mlx_logits_equal_hf(tmp_path, name):
 
 
 @mlx_needed
+def test_the_mlx_model_really_takes_the_window(tmp_path):
+    """The sliding-window check can fail: the same folder with the window widened past the prompt is far off HF."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
+
+    src = _save(tmp_path / "ck", **CASES["sliding-own-heads"])
+    out = export_mlx(src, tmp_path / "mlx")
+    ids = torch.randint(1, 256, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    want, _ = _hf_logits(src, ids)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "sliding_window": 10_000}))
+    model, _ = load(str(out), trust_remote_code=True)
+    assert np.abs(np.array(model(mx.array([ids]))[0].astype(mx.float32)) - want).max() > 1e-2
+
+
+@mlx_needed
 @pytest.mark.parametrize("name", list(CASES))
 def test_mlx_greedy_equals_hf_with_a_prompt_prefilled_in_several_steps(tmp_path, name):
     """mlx-lm's generate_step prefills 5 tokens at a time from a 37-token prompt, then decodes one token at a

@@ -90,6 +90,7 @@ def test_layer_types_survive_save_and_load(tmp_path):
     (dict(sliding_window=4, num_swa_attention_heads=4, num_swa_key_value_heads=3), "num_swa_key_value_heads"),
     (dict(sliding_window=4, num_swa_attention_heads=0), "num_swa_attention_heads"),
     (dict(sliding_window=4, swa_head_dim=7), "swa_head_dim"),
+    (dict(sliding_window=4, num_swa_attention_heads=3), "num_swa_attention_heads"),  # 32 / 3 is no head size
 ])
 def test_bad_layer_fields_are_refused_naming_the_field(bad, field):
     with pytest.raises(ValueError, match=field):

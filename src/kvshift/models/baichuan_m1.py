@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..report import apply_umask, replace_dir
 from .configuration import KVShiftConfig
 
-__all__ = ["MODEL_TYPE", "is_baichuan_m1", "kvshift_config_from_baichuan_m1", "convert_baichuan_m1_state",
+__all__ = ["MODEL_TYPE", "is_baichuan_m1", "source_config", "kvshift_config_from_baichuan_m1", "convert_baichuan_m1_state",
            "load_baichuan_m1", "make_tiny_checkpoint"]
 
 MODEL_TYPE = "baichuan_m1"
@@ -51,6 +51,26 @@ def read_config(source: str | os.PathLike) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read {path}: {err}") from err
+
+
+def source_config(source: str) -> dict | None:
+    """The raw ``config.json`` of a local folder or, for a hub id, of the Hub's copy (fetched alone: loading it
+    through ``AutoConfig`` would need the checkpoint's remote code); None when there is none or the Hub cannot
+    be reached (the regular loaders then report it)."""
+    from ..paths import check_local_path
+
+    local = check_local_path(source, "--from")
+    if local is not None:
+        return read_config(local) if local.is_dir() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        from ..paths import offline_if_unreachable
+
+        with offline_if_unreachable():
+            return read_config(Path(hf_hub_download(source, "config.json")).parent)
+    except Exception:  # noqa: BLE001 - not found / offline / not a repo id
+        return None
 
 
 def is_baichuan_m1(raw: dict | None) -> bool:

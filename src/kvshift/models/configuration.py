@@ -243,6 +243,9 @@ class KVShiftConfig(PreTrainedConfig):
         else:
             self.layer_types = list(self.layer_types)
         self._check_swa_fields()
+        if self.swa_head_dim is None and self.num_swa_attention_heads and self.hidden_size % self.num_swa_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_swa_attention_heads "
+                             f"({self.num_swa_attention_heads}), or set swa_head_dim explicitly")
         if self.swa_head_dim is None:
             self.swa_head_dim = (self.hidden_size // self.num_swa_attention_heads if self.num_swa_attention_heads
                                  else self.head_dim)

@@ -22,7 +22,7 @@ from torch import nn
 from ..layers.attention import init_shift_weight, is_shift_parameter
 from ..report import apply_umask, replace_dir
 from .baichuan_m1 import is_baichuan_m1, load_baichuan_m1
-from .baichuan_m1 import read_config as read_m1_config
+from .baichuan_m1 import source_config as m1_source_config
 from .configuration import KV_SHIFT_INITS, KVShiftConfig
 from .gguf import check_gguf, is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
 from .modeling import KVShiftForCausalLM
@@ -163,23 +163,7 @@ def kvshift_config_from(config, init: str = "identity") -> KVShiftConfig:
 
 def _is_baichuan_m1_source(source: str) -> bool:
     """Whether ``source`` (a local folder or a hub id) is a Baichuan-M1 checkpoint, from its config.json."""
-    from ..paths import check_local_path
-
-    if is_gguf(source):
-        return False
-    local = check_local_path(source, "--from")
-    if local is not None:
-        return is_baichuan_m1(read_m1_config(local))
-    try:  # a hub id: only its config.json (AutoConfig would need the checkpoint's remote code)
-        from huggingface_hub import hf_hub_download
-
-        from ..paths import offline_if_unreachable
-
-        with offline_if_unreachable():
-            path = hf_hub_download(source, "config.json")
-        return is_baichuan_m1(read_m1_config(Path(path).parent))
-    except Exception:  # noqa: BLE001 - not found / offline: the regular loader reports it
-        return False
+    return not is_gguf(source) and is_baichuan_m1(m1_source_config(source))
 
 
 def _load_source(source: str, dtype: torch.dtype | None):

@@ -86,10 +86,21 @@ def _check_head_dim(config) -> None:
     for i in range(config.num_hidden_layers):
         dim = _layer_attention(config, i).head_dim
         if dim not in sizes:
-            field = "swa_head_dim" if _layer_attention(config, i).sliding_window and dim != config.head_dim \
-                else "head_dim"
+            field = _head_field(config, _layer_attention(config, i), "head_dim")
+            how = ("hidden_size / num_swa_attention_heads unless set" if field == "swa_head_dim"
+                   else "hidden_size / num_attention_heads unless set")
             raise ValueError(f"vLLM's CPU attention supports head sizes in {sizes}; this checkpoint has "
-                             f"{field}={dim} (hidden_size / num_attention_heads unless set)")
+                             f"{field}={dim} ({how})")
+
+
+def _head_field(config, shape, field: str) -> str:
+    """The config field a layer's ``num_attention_heads`` / ``num_key_value_heads`` / ``head_dim`` comes from:
+    a sliding-window layer's own field (``num_swa_...``, ``swa_head_dim``) where the config sets one that differs."""
+    swa = {"num_attention_heads": "num_swa_attention_heads", "num_key_value_heads": "num_swa_key_value_heads",
+           "head_dim": "swa_head_dim"}[field]
+    if shape.sliding_window and getattr(config, swa, None) not in (None, getattr(config, field)):
+        return swa
+    return field
 
 
 def _layer_attention(config, layer_idx: int):
@@ -145,25 +156,26 @@ def _state_window(config) -> int:
     return config.kv_shift_window if any_shift else 2
 
 
-def kv_head_shard(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+def kv_head_shard(total_kv_heads: int, tp_size: int, tp_rank: int,
+                  field: str = "num_key_value_heads") -> tuple[int, int]:
     """``(first, count)``: the KV heads one tensor-parallel rank holds, as vLLM's ``QKVParallelLinear``
     shards them: ``total / tp`` heads each when there are at least as many KV heads as ranks, else one
-    head, replicated over ``tp / total`` consecutive ranks. The shift weights of a head go with it."""
+    head, replicated over ``tp / total`` consecutive ranks. The shift weights of a head go with it.
+    ``field``: the config field the count comes from, named in errors."""
     if total_kv_heads >= tp_size:
         if total_kv_heads % tp_size:
-            raise ValueError(f"num_key_value_heads={total_kv_heads} must be divisible by "
-                             f"tensor_parallel_size={tp_size}")
+            raise ValueError(f"{field}={total_kv_heads} must be divisible by tensor_parallel_size={tp_size}")
         count = total_kv_heads // tp_size
         return tp_rank * count, count
     if tp_size % total_kv_heads:
-        raise ValueError(f"tensor_parallel_size={tp_size} must be a multiple of num_key_value_heads={total_kv_heads}")
+        raise ValueError(f"tensor_parallel_size={tp_size} must be a multiple of {field}={total_kv_heads}")
     return tp_rank // (tp_size // total_kv_heads), 1
 
 
 def _layer_state_width(config, layer_idx: int, tp_size: int = 1) -> int:
     """Channels of one rank's shift state in layer ``layer_idx``: its raw K row and its raw V row."""
     shape = _layer_attention(config, layer_idx)
-    _, heads = kv_head_shard(shape.num_kv_heads, tp_size, 0)
+    _, heads = kv_head_shard(shape.num_kv_heads, tp_size, 0, _head_field(config, shape, "num_key_value_heads"))
     return 2 * heads * shape.head_dim
 
 
@@ -342,11 +354,12 @@ class KVShiftAttention(nn.Module):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
         shape = _layer_attention(config, layer_idx)  # sliding-window layers may have their own head counts
-        heads_field = "num_swa_attention_heads" if shape.sliding_window else "num_attention_heads"
         if shape.num_heads % tp:
-            raise ValueError(f"{heads_field}={shape.num_heads} must be divisible by tensor_parallel_size={tp}")
+            raise ValueError(f"{_head_field(config, shape, 'num_attention_heads')}={shape.num_heads} must be "
+                             f"divisible by tensor_parallel_size={tp}")
         self.num_heads = shape.num_heads // tp  # this rank's query heads
-        self.first_kv_head, self.num_kv_heads = kv_head_shard(shape.num_kv_heads, tp, get_tensor_model_parallel_rank())
+        self.first_kv_head, self.num_kv_heads = kv_head_shard(shape.num_kv_heads, tp, get_tensor_model_parallel_rank(),
+                                                              _head_field(config, shape, "num_key_value_heads"))
         self.head_dim = shape.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim

@@ -67,11 +67,11 @@ def checkpoint_config(init_from: str):
             raise ValueError(f"--init-from {init_from} is not a model folder (no config.json) nor a .gguf file")
         if _is_kvshift_folder(local):
             return KVShiftConfig.from_pretrained(local)
-        from ..models.baichuan_m1 import is_baichuan_m1, kvshift_config_from_baichuan_m1, read_config
+    from ..models.baichuan_m1 import is_baichuan_m1, kvshift_config_from_baichuan_m1, source_config
 
-        raw = read_config(local)
-        if is_baichuan_m1(raw):  # a KV-shift model of its own, read from its files (no remote code)
-            return kvshift_config_from_baichuan_m1(raw)
+    raw = source_config(init_from)
+    if is_baichuan_m1(raw):  # a KV-shift model of its own (folder or hub id), read from its files: no remote code
+        return kvshift_config_from_baichuan_m1(raw)
     from transformers import AutoConfig
 
     from ..paths import hub_errors, offline_if_unreachable
