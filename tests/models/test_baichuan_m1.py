@@ -347,3 +347,11 @@ def test_a_custom_tokenizer_class_is_copied_with_its_module(m1_dir, tmp_path):
     convert_checkpoint(str(src), tmp_path / "kv")
     assert (tmp_path / "kv" / "tokenization_baichuan.py").read_text() == "# Baichuan's tokenizer class\n"
     assert json.loads((tmp_path / "kv" / "tokenizer_config.json").read_text())["auto_map"] == cfg["auto_map"]
+
+
+def test_retrofit_real_refuses_a_model_that_already_has_a_shift(m1_dir, tmp_path):
+    from kvshift.experiments.retrofit_real import run_retrofit_real
+
+    with pytest.raises(ValueError, match="--init-from .* Baichuan-M1"):
+        run_retrofit_real(quick=True, out_dir=tmp_path / "out", model=str(m1_dir), data=str(tmp_path / "data"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()

