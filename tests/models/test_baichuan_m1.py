@@ -355,3 +355,12 @@ def test_retrofit_real_refuses_a_model_that_already_has_a_shift(m1_dir, tmp_path
     with pytest.raises(ValueError, match="--init-from .* Baichuan-M1"):
         run_retrofit_real(quick=True, out_dir=tmp_path / "out", model=str(m1_dir), data=str(tmp_path / "data"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_layer_count_changed_after_loading_is_refused_naming_layer_types(tmp_path):
+    _model().save_pretrained(tmp_path / "m")
+    from kvshift import KVShiftConfig
+
+    config = KVShiftConfig.from_pretrained(tmp_path / "m", num_hidden_layers=6)  # transformers sets it after init
+    with pytest.raises(ValueError, match="layer_types has 4 entries but num_hidden_layers is 6"):
+        KVShiftForCausalLM(config)

@@ -134,6 +134,9 @@ class KVShiftModel(KVShiftPreTrainedModel):
 
     def __init__(self, config: KVShiftConfig) -> None:
         super().__init__(config)
+        if len(config.layer_types) != config.num_hidden_layers:  # e.g. num_hidden_layers changed after loading
+            raise ValueError(f"layer_types has {len(config.layer_types)} entries but num_hidden_layers is "
+                             f"{config.num_hidden_layers}: give layer_types one entry per layer")
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
