@@ -364,3 +364,38 @@ def test_a_layer_count_changed_after_loading_is_refused_naming_layer_types(tmp_p
     config = KVShiftConfig.from_pretrained(tmp_path / "m", num_hidden_layers=6)  # transformers sets it after init
     with pytest.raises(ValueError, match="layer_types has 4 entries but num_hidden_layers is 6"):
         KVShiftForCausalLM(config)
+
+
+FAKE_TOKENIZER = '''from transformers import PreTrainedTokenizerFast
+
+
+class FakeBaichuanTokenizer(PreTrainedTokenizerFast):
+    """A tokenizer class of the checkpoint's own, as Baichuan-M1's tokenization_baichuan.py is."""
+'''
+
+
+def test_generate_runs_a_remote_code_tokenizer_only_when_trusted(m1, tmp_path):
+    """A converted real M1 keeps Baichuan's own tokenizer class: `kvshift generate` refuses to run its code,
+    naming --trust-remote-code, and with the flag prints what the same model prints with a plain tokenizer."""
+    plain, custom = tmp_path / "plain", tmp_path / "custom"
+    for folder in (plain, custom):
+        m1.save_pretrained(folder)
+        byte_tokenizer().save_pretrained(folder)
+    cfg = json.loads((custom / "tokenizer_config.json").read_text())
+    cfg.update(tokenizer_class="FakeBaichuanTokenizer",
+               auto_map={"AutoTokenizer": [None, "tokenization_fake_baichuan.FakeBaichuanTokenizer"]})
+    (custom / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (custom / "tokenization_fake_baichuan.py").write_text(FAKE_TOKENIZER)
+    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+
+    def generate(folder, *flags):
+        return subprocess.run([sys.executable, "-m", "kvshift", "generate", "--model", str(folder), "--prompt",
+                               "def main(", "--max-new-tokens", "8", "--json", *flags], capture_output=True,
+                              text=True, env=env, stdin=subprocess.DEVNULL, timeout=300)
+
+    refused = generate(custom)
+    assert refused.returncode == 2 and "--trust-remote-code" in refused.stderr
+    want = generate(plain)
+    got = generate(custom, "--trust-remote-code")
+    assert want.returncode == 0 and got.returncode == 0, got.stderr[-2000:]
+    assert json.loads(got.stdout)["completion"] == json.loads(want.stdout)["completion"]

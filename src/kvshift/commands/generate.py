@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wrap each prompt as a user message in the tokenizer's chat template (with the "
                              "assistant's generation prompt) and stop at the template's end token (default: off, "
                              "plain text)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the tokenizer's own code when its tokenizer_config.json names some (Baichuan-M1's "
+                             "tokenizer); only for folders you trust (default: off)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per prompt ({prompt, completion}) instead of plain text (default: off)")
 
@@ -42,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.num_beams <= 0:
         raise ValueError(f"--num-beams must be positive, got {args.num_beams}")
-    model, tok = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
+    model, tok = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype,
+                                          trust_remote_code=args.trust_remote_code)
     tok.padding_side = "left"
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if pad_id is None:

@@ -11,8 +11,19 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 
 
-def check_model_dir(path: str | Path, tokenizer: str | Path | None = None):
+def _remote_code_tokenizer(folder: Path) -> bool:
+    """Whether the folder's tokenizer_config.json names its own tokenizer code (an ``auto_map``)."""
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("auto_map"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_model_dir(path: str | Path, tokenizer: str | Path | None = None, *, trust_remote_code: bool = False):
     """Validate a Hugging Face model directory; return its ``(config, tokenizer)``.
+
+    ``trust_remote_code``: let a tokenizer whose ``tokenizer_config.json`` names its own code (Baichuan-M1's)
+    run it, as transformers' flag of that name does; off by default.
 
     Raises ``FileNotFoundError`` for a missing directory and ``ValueError`` with a clear message for a
     directory that is not a model (no ``config.json`` or no weights), a config that does not load (e.g.
@@ -50,8 +61,11 @@ def check_model_dir(path: str | Path, tokenizer: str | Path | None = None):
         raise ValueError(f"{path / 'config.json'} does not load: {err}") from err
     tok_path = Path(tokenizer) if tokenizer is not None else path
     try:
-        tok = AutoTokenizer.from_pretrained(tok_path)
+        tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - any failure means "no usable tokenizer here"
+        if not trust_remote_code and _remote_code_tokenizer(tok_path):
+            raise ValueError(f"the tokenizer at {tok_path} is its own code (an auto_map in tokenizer_config.json, as "
+                             "Baichuan-M1's is): pass --trust-remote-code to run it, if you trust that folder") from err
         raise ValueError(
             f"cannot load a tokenizer from {tok_path} ({type(err).__name__}: {err}); save one beside the "
             "model with tokenizer.save_pretrained(DIR)"
@@ -65,12 +79,14 @@ def check_model_dir(path: str | Path, tokenizer: str | Path | None = None):
     return config, tok
 
 
-def load_model_and_tokenizer(path: str | Path, *, device: str | None = None, dtype: str = "auto"):
-    """``(model, tokenizer)`` from a validated model directory, the model in eval mode on ``device``."""
+def load_model_and_tokenizer(path: str | Path, *, device: str | None = None, dtype: str = "auto",
+                             trust_remote_code: bool = False):
+    """``(model, tokenizer)`` from a validated model directory, the model in eval mode on ``device``;
+    ``trust_remote_code`` as in :func:`check_model_dir` (the tokenizer's code only: the model is kvshift's)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    _, tok = check_model_dir(path)
+    _, tok = check_model_dir(path, trust_remote_code=trust_remote_code)
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
