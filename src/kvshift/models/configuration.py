@@ -27,6 +27,8 @@ class LayerAttention(NamedTuple):
     num_kv_heads: int
     head_dim: int
     sliding_window: int | None  # tokens a query sees, itself included; None for full attention
+
+
 KV_SHIFT_PARAMETRIZATIONS = ("free", "gate", "clamp")
 KV_SHIFT_TARGETS = ("kv", "k", "v", "qkv")
 KV_SHIFT_GRANULARITIES = ("head", "channel")
