@@ -198,7 +198,7 @@ def _local_folder(source: str) -> Path:
 def load_baichuan_m1(source: str | os.PathLike, dtype: torch.dtype | None = None):
     """A :class:`KVShiftForCausalLM` with a Baichuan-M1 checkpoint's weights (local folder or hub id), in the
     checkpoint's dtype unless ``dtype``; the shift weights stay fp32."""
-    from .modeling import KVShiftForCausalLM
+    from .modeling import KVShiftForCausalLM, finish_meta_model
 
     folder = _local_folder(str(source))
     raw = read_config(folder)
@@ -224,14 +224,7 @@ def load_baichuan_m1(source: str | os.PathLike, dtype: torch.dtype | None = None
                            for k, v in state.items()}, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    for rotary in (model.model.rotary_emb, model.model.rotary_emb_swa):
-        if rotary is not None:
-            inv_freq, _ = rotary.compute_inv_freq()
-            rotary.register_buffer("inv_freq", inv_freq, persistent=False)
-            rotary.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"conversion left tensors unset: {left}")
+    finish_meta_model(model)
     config.dtype = dtype
     model.name_or_path = str(folder)
     if (folder / "generation_config.json").is_file():

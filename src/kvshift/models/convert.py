@@ -25,7 +25,7 @@ from .baichuan_m1 import is_baichuan_m1, load_baichuan_m1
 from .baichuan_m1 import source_config as m1_source_config
 from .configuration import KV_SHIFT_INITS, KVShiftConfig
 from .gguf import check_gguf, is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
-from .modeling import KVShiftForCausalLM
+from .modeling import KVShiftForCausalLM, finish_meta_model
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "convert_checkpoint", "kvshift_config_from", "random_init_warning",
            "load_source_model"]
@@ -236,13 +236,7 @@ def _convert_model(source: nn.Module, init: str, dtype: torch.dtype | None, *, s
                 w = init_shift_weight(attn.num_kv_heads, init, attn.parametrization, generator=generator)
                 # fp32 whatever the model's dtype: a bf16 weight of 1 cannot take a step of 1e-4
                 setattr(attn, name, nn.Parameter(w.to(device=device, dtype=torch.float32)))
-    rotary = model.model.rotary_emb
-    inv_freq, _ = rotary.compute_inv_freq(device)
-    rotary.register_buffer("inv_freq", inv_freq, persistent=False)
-    rotary.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"conversion left tensors unset: {left}")
+    finish_meta_model(model, device)
     config.dtype = dtype
     gen = getattr(source, "generation_config", None)
     if gen is not None:

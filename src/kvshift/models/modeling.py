@@ -274,6 +274,20 @@ class KVShiftModel(KVShiftPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden, **{_OUTPUT_CACHE_FIELD: cache if use_cache else None})
 
 
+def finish_meta_model(model: KVShiftForCausalLM, device=None) -> None:
+    """Finish a model built on the meta device whose weights were then assigned (a conversion): compute the RoPE
+    buffers of every rotary embedding (the sliding layers' own too), which no checkpoint holds, and raise if any
+    parameter or buffer is still on the meta device."""
+    for rotary in (model.model.rotary_emb, model.model.rotary_emb_swa):
+        if rotary is not None:
+            inv_freq, _ = rotary.compute_inv_freq(device)
+            rotary.register_buffer("inv_freq", inv_freq, persistent=False)
+            rotary.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"conversion left tensors unset: {left}")
+
+
 class KVShiftForCausalLM(KVShiftPreTrainedModel, GenerationMixin):
     """Llama-style causal LM with KV shifting attention; parameter names follow ``LlamaForCausalLM``."""
 
