@@ -3,18 +3,19 @@ JSON and figures (temporary file beside the target, then ``os.replace``: nothing
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import os
 import platform
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_json", "to_jsonable", "markdown_table", "environment",
+__all__ = ["staged_dir", "atomic_write_text", "atomic_write_json", "to_jsonable", "markdown_table", "environment",
            "mean_std", "get_pyplot", "save_figure", "apply_umask", "replace_dir"]
 
 
@@ -69,6 +70,25 @@ def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> Path:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A new private folder beside ``out`` for the block to write a whole output folder into. When the block
+    succeeds the folder gets the modes a plain ``mkdir`` gives (:func:`apply_umask`) and replaces ``out``
+    (:func:`replace_dir`); when it fails the folder is removed and ``out`` is left as it was."""
+    import shutil
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        apply_umask(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _atomic_replace(path: Path, write: Callable[[str], Any], suffix: str = ".tmp") -> Path:

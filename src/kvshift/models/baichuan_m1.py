@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..report import apply_umask, replace_dir
+from ..report import staged_dir
 from .configuration import KVShiftConfig
 
 __all__ = ["MODEL_TYPE", "is_baichuan_m1", "source_config", "kvshift_config_from_baichuan_m1", "convert_baichuan_m1_state",
@@ -284,18 +282,11 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, *, seed: int = 0, hidden_si
             pre + "input_layernorm.weight": 1 + normal(hidden_size, std=0.1),
             pre + "post_attention_layernorm.weight": 1 + normal(hidden_size, std=0.1),
         })
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        apply_umask(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from ..layers.attention import init_shift_weight, is_shift_parameter
-from ..report import apply_umask, replace_dir
+from ..report import staged_dir
 from .baichuan_m1 import is_baichuan_m1, load_baichuan_m1
 from .baichuan_m1 import source_config as m1_source_config
 from .configuration import KV_SHIFT_INITS, KVShiftConfig
@@ -329,16 +328,9 @@ def _save_atomically(model: KVShiftForCausalLM, out_dir: Path, source, tokenizer
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists and is not empty (pass --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:  # an old output (overwrite) is moved aside, and back if the swap fails
         model.save_pretrained(tmp)
         _write_tokenizer(source, tokenizer, tmp, model.config.vocab_size)
-        apply_umask(tmp)  # mkdtemp's folder is private (0700), safetensors' file too (0600): give what mkdir gives
-        replace_dir(tmp, out_dir)  # an old output (overwrite) is moved aside, and back if the swap fails
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def convert_checkpoint(
