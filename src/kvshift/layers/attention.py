@@ -148,11 +148,9 @@ class KVShiftAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         # this layer's shape: sliding-window layers may have their own head counts (Baichuan-M1)
-        shape = config.layer_attention(layer_idx) if hasattr(config, "layer_attention") else None
-        self.num_heads = shape.num_heads if shape else config.num_attention_heads
-        self.num_kv_heads = shape.num_kv_heads if shape else config.num_key_value_heads
-        self.head_dim = shape.head_dim if shape else config.head_dim
-        self.sliding_window = shape.sliding_window if shape else getattr(config, "sliding_window", None)
+        shape = config.layer_attention(layer_idx)
+        self.num_heads, self.num_kv_heads, self.head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
+        self.sliding_window = shape.sliding_window
         self.scaling = self.head_dim**-0.5
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.attention_dropout = config.attention_dropout

@@ -84,13 +84,12 @@ def _check_head_dim(config) -> None:
 
     sizes = CPUAttentionBackend.get_supported_head_sizes()
     for i in range(config.num_hidden_layers):
-        dim = _layer_attention(config, i).head_dim
-        if dim not in sizes:
-            field = _head_field(config, _layer_attention(config, i), "head_dim")
-            how = ("hidden_size / num_swa_attention_heads unless set" if field == "swa_head_dim"
-                   else "hidden_size / num_attention_heads unless set")
+        shape = config.layer_attention(i)
+        if shape.head_dim not in sizes:
+            field = _head_field(config, shape, "head_dim")
+            heads = "num_swa_attention_heads" if field == "swa_head_dim" else "num_attention_heads"
             raise ValueError(f"vLLM's CPU attention supports head sizes in {sizes}; this checkpoint has "
-                             f"{field}={dim} ({how})")
+                             f"{field}={shape.head_dim} (hidden_size / {heads} unless set)")
 
 
 def _head_field(config, shape, field: str) -> str:
@@ -101,18 +100,6 @@ def _head_field(config, shape, field: str) -> str:
     if shape.sliding_window and getattr(config, swa, None) not in (None, getattr(config, field)):
         return swa
     return field
-
-
-def _layer_attention(config, layer_idx: int):
-    """Layer ``layer_idx``'s (type, heads, KV heads, head size, window): sliding-window layers may have
-    their own head counts (Baichuan-M1). A config from before per-layer types has one shape for all."""
-    if hasattr(config, "layer_attention"):
-        return config.layer_attention(layer_idx)
-    from kvshift.models.configuration import LayerAttention
-
-    window = getattr(config, "sliding_window", None)
-    return LayerAttention("sliding_attention" if window else "full_attention", config.num_attention_heads,
-                          config.num_key_value_heads, config.head_dim, window)
 
 
 def check_engine_config(vllm_config) -> None:
@@ -174,7 +161,7 @@ def kv_head_shard(total_kv_heads: int, tp_size: int, tp_rank: int,
 
 def _layer_state_width(config, layer_idx: int, tp_size: int = 1) -> int:
     """Channels of one rank's shift state in layer ``layer_idx``: its raw K row and its raw V row."""
-    shape = _layer_attention(config, layer_idx)
+    shape = config.layer_attention(layer_idx)
     _, heads = kv_head_shard(shape.num_kv_heads, tp_size, 0, _head_field(config, shape, "num_key_value_heads"))
     return 2 * heads * shape.head_dim
 
@@ -353,7 +340,7 @@ class KVShiftAttention(nn.Module):
     def __init__(self, config, layer_idx: int, shift: bool, vllm_config: VllmConfig, prefix: str) -> None:
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
-        shape = _layer_attention(config, layer_idx)  # sliding-window layers may have their own head counts
+        shape = config.layer_attention(layer_idx)  # sliding-window layers may have their own head counts
         if shape.num_heads % tp:
             raise ValueError(f"{_head_field(config, shape, 'num_attention_heads')}={shape.num_heads} must be "
                              f"divisible by tensor_parallel_size={tp}")
