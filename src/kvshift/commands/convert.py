@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {w.message}", file=sys.stderr)
     c = model.config
     n_params = sum(p.numel() for p in model.parameters())
-    sliding = [i for i in range(c.num_hidden_layers) if c.layer_type(i) == "sliding_attention"]
+    sliding = [i for i, kind in enumerate(c.layer_types) if kind == "sliding_attention"]
     swa = ""
     if sliding:
         heads, kv = c.layer_attention_heads(sliding=True)

@@ -348,8 +348,6 @@ class KVShiftConfig(PreTrainedConfig):
 
     def _check_layers(self) -> None:
         types = self.layer_types
-        if types is None:
-            return
         if not isinstance(types, list) or len(types) != self.num_hidden_layers:
             raise ValueError(f"layer_types must be a list with one entry per layer (num_hidden_layers = "
                              f"{self.num_hidden_layers}), got {types!r}")
@@ -372,13 +370,9 @@ class KVShiftConfig(PreTrainedConfig):
         heads = self.num_swa_attention_heads or self.num_attention_heads
         return heads, self.num_swa_key_value_heads or self.num_key_value_heads
 
-    def layer_type(self, layer_idx: int) -> str:
-        """``"full_attention"`` or ``"sliding_attention"``."""
-        return self.layer_types[layer_idx] if self.layer_types is not None else "full_attention"
-
     def layer_attention(self, layer_idx: int) -> LayerAttention:
         """Layer ``layer_idx``'s attention type, head counts, head size and window."""
-        kind = self.layer_type(layer_idx)
+        kind = self.layer_types[layer_idx]
         sliding = kind == "sliding_attention"
         heads, kv = self.layer_attention_heads(sliding)
         return LayerAttention(kind, heads, kv, self.swa_head_dim if sliding else self.head_dim,

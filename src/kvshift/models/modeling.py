@@ -144,17 +144,13 @@ class KVShiftModel(KVShiftPreTrainedModel):
         self.rotary_emb = RotaryEmbedding(config)
         # sliding-window layers with their own head size get their own cos/sin (the same RoPE otherwise)
         self.rotary_emb_swa = None
-        if "sliding_attention" in (config.layer_types or ()) and config.swa_head_dim != config.head_dim:
+        if "sliding_attention" in config.layer_types and config.swa_head_dim != config.head_dim:
             swa_config = copy.copy(config)
             swa_config.head_dim = config.swa_head_dim
             self.rotary_emb_swa = RotaryEmbedding(swa_config)
         self.smear = TokenSmear(config.hidden_size) if getattr(config, "token_smear", False) else None
         self.gradient_checkpointing = False
         self.post_init()
-
-    @property
-    def _layer_types(self) -> list[str]:
-        return [self.config.layer_type(i) for i in range(self.config.num_hidden_layers)]
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -223,7 +219,7 @@ class KVShiftModel(KVShiftPreTrainedModel):
         mask_layer = 0
         if premade is not None:
             kind = "full_attention" if "full_attention" in premade else next(iter(premade))
-            attention_mask, mask_layer = premade[kind], self._layer_types.index(kind)
+            attention_mask, mask_layer = premade[kind], self.config.layer_types.index(kind)
         kv_offset = 0
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and cache is not None:
             # a sliding-window cache layer's mask starts at kv_offset, not at position 0
@@ -244,7 +240,7 @@ class KVShiftModel(KVShiftPreTrainedModel):
         # one mask per attention type the layers use (transformers' layer_types convention)
         mask_makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
         masks = {kind: premade[kind] if premade is not None and kind in premade else mask_makers[kind](**mask_kwargs)
-                 for kind in dict.fromkeys(self._layer_types)}
+                 for kind in dict.fromkeys(self.config.layer_types)}
 
         hidden = inputs_embeds
         if self.smear is not None:
@@ -267,7 +263,7 @@ class KVShiftModel(KVShiftPreTrainedModel):
             backend_kwargs["keep_mask"] = (keep,)
         for i, layer in enumerate(self.layers):
             state = kv_shift_layer_state(cache, i) if cache is not None and layer.self_attn.use_kv_shift else None
-            kind = self._layer_types[i]
+            kind = self.config.layer_types[i]
             hidden = layer(hidden, position_embeddings_swa if kind == "sliding_attention" else position_embeddings,
                            masks[kind], cache, pad_mask, reset_mask, state, **backend_kwargs)
         hidden = self.norm(hidden)
